@@ -1,0 +1,192 @@
+"""Checkpoint folders on disk: minibert's own format, HuggingFace's, and hub ids.
+
+A minibert checkpoint folder holds
+    config.json            {"model_type": "minibert", <BertConfig fields>}
+    model.safetensors      minibert's state dict (the tied decoder matrix stored once)
+    vocab.txt              the WordPiece vocabulary, when the source had one
+    tokenizer_config.json  {"do_lower_case": ...}
+A HuggingFace folder holds config.json (model_type "bert") and model.safetensors or
+pytorch_model.bin. Every folder is written under a temporary name and renamed into place,
+so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .convert import config_from_hf, config_to_hf, hf_to_minibert, minibert_to_hf
+from .errors import MinibertError
+from .model import BertConfig, BertForMaskedLM
+from .tokenizer import is_lower_case, read_vocab
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dst`; on success rename it to `dst`, on error delete it."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise MinibertError(f"{dst}: already exists (choose a new folder or pass --overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(source: str | Path) -> Path:
+    """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise MinibertError(f"{folder}: not a folder (expected a checkpoint folder)")
+    if not _HUB_ID.fullmatch(str(source)):
+        raise MinibertError(f"{folder}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(
+            str(source), allow_patterns=["config.json", "vocab.txt", "tokenizer_config.json",
+                                         "model.safetensors", "pytorch_model.bin"]))
+    except Exception as error:  # offline, unknown id, no huggingface_hub: all end the same way
+        raise MinibertError(
+            f"{source}: no such folder, and the hub id could not be fetched "
+            f"({type(error).__name__}); offline, pass a local checkpoint folder") from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MinibertError(f"{file.parent}: no config.json (not a checkpoint folder)") from None
+    except (OSError, ValueError) as error:
+        raise MinibertError(f"{file}: not valid JSON ({error})") from None
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's weights, from safetensors or from a .bin loaded without running pickle code."""
+    for name in WEIGHT_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                return load_file(file)
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise MinibertError(f"{file}: corrupt or truncated weights ({reason})") from None
+    raise MinibertError(f"{folder}: no weights (expected {' or '.join(WEIGHT_FILES)})")
+
+
+def _check_shapes(state: dict[str, torch.Tensor], model: BertForMaskedLM, source: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise MinibertError(f"{source}: weights lack {missing[0]} ({len(missing)} missing)")
+    for name, tensor in state.items():
+        if name not in expected:
+            raise MinibertError(f"{source}: unexpected weight {name!r}")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise MinibertError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config "
+                                f"implies {tuple(expected[name].shape)}")
+
+
+def read_checkpoint(source: str | Path) -> tuple[BertForMaskedLM, Path, list[str]]:
+    """Load a minibert or HuggingFace checkpoint folder (or hub id) as BertForMaskedLM.
+
+    Returns (model in eval mode, the folder read, notices worth telling the user).
+    """
+    folder = resolve(source)
+    raw_config = _read_json(folder / "config.json")
+    notices: list[str] = []
+    try:
+        if raw_config.get("model_type") == "minibert":
+            config = BertConfig.from_dict(raw_config)
+        else:
+            config = config_from_hf(raw_config)
+    except (ValueError, TypeError) as error:
+        raise MinibertError(f"{folder / 'config.json'}: {error}") from None
+    weights = _read_weights(folder)
+    if raw_config.get("model_type") == "minibert":
+        state = weights
+    else:
+        state, notices = hf_to_minibert(weights)
+    model = BertForMaskedLM(config)
+    if not any(k.startswith("mlm_head.") for k in state):
+        # A BertModel checkpoint: keep the freshly initialised head so the model still runs.
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head.")})
+        notices.append("the checkpoint has no masked-LM head: a freshly initialised one was "
+                       "added, so predictions are meaningless until it is trained")
+    _check_shapes(state, model, folder)
+    vocab_file = folder / "vocab.txt"
+    if vocab_file.is_file():
+        vocab_size = len(read_vocab(vocab_file))
+        if vocab_size != config.vocab_size:
+            raise MinibertError(f"{vocab_file}: {vocab_size} tokens, but the word embedding "
+                                f"matrix has {config.vocab_size} rows")
+    model.load_state_dict(state)
+    return model.eval(), folder, notices
+
+
+def load_pretrained(path: str | Path) -> BertForMaskedLM:
+    """A BertForMaskedLM in eval mode from a minibert or HuggingFace folder, or a hub id."""
+    return read_checkpoint(path)[0]
+
+
+def _tokenizer_files(source: Path | None, tmp: Path) -> None:
+    """Copy vocab.txt beside the weights and record whether the vocabulary is lower-cased."""
+    if source is None or not (source / "vocab.txt").is_file():
+        return
+    shutil.copyfile(source / "vocab.txt", tmp / "vocab.txt")
+    lower_case = is_lower_case(source, read_vocab(source / "vocab.txt"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower_case}) + "\n")
+
+
+def _contiguous_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (the q/k/v chunks of one qkv matrix).
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_pretrained(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write `model` as a minibert checkpoint folder; vocab files come from tokenizer_source."""
+    with atomic_folder(dst, overwrite) as tmp:
+        config = {"model_type": "minibert", **model.config.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(_contiguous_copies(model.state_dict()), tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        _tokenizer_files(tokenizer_source, tmp)
+    return Path(dst)
+
+
+def save_huggingface(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write `model` in HuggingFace's BertForMaskedLM layout (what transformers loads)."""
+    with atomic_folder(dst, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+        save_file(_contiguous_copies(minibert_to_hf(model.state_dict())),
+                  tmp / "model.safetensors", metadata={"format": "pt"})
+        _tokenizer_files(tokenizer_source, tmp)
+    return Path(dst)

@@ -1,0 +1,298 @@
+"""BERT in plain PyTorch: embeddings, encoder, pooler and the masked-LM head.
+
+This is the architecture of Devlin et al. 2018, "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding" (arXiv:1810.04805), written so that it can be read
+top to bottom. Section numbers in comments refer to that paper.
+
+    tokens -> BertEmbeddings -> BertLayer x N -> hidden states (batch, seq, hidden)
+                                                     |
+                                   BertForMaskedLM: MaskedLMHead -> logits (batch, seq, vocab)
+
+The module imports nothing from training or conversion code: it is a pure building block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BertConfig:
+    """Shape and regularisation of a BERT model, in the paper's (and HuggingFace's) names."""
+
+    vocab_size: int = 30522  # WordPiece vocabulary size (bert-base-uncased: 30,522)
+    hidden_size: int = 768  # H, the width of every token's vector
+    num_hidden_layers: int = 12  # L, the number of encoder layers
+    num_attention_heads: int = 12  # A, heads per self-attention layer
+    intermediate_size: int = 3072  # width of the feed-forward layer, 4H in the paper
+    hidden_act: str = "gelu"  # feed-forward activation; "gelu" is the exact (erf) GELU
+    hidden_dropout_prob: float = 0.1  # dropout on embeddings and on each sublayer's output
+    attention_probs_dropout_prob: float = 0.1  # dropout on the attention weights
+    max_position_embeddings: int = 512  # longest sequence the learned positions cover
+    type_vocab_size: int = 2  # number of segments (sentence A / sentence B)
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon used by the original checkpoints
+    pad_token_id: int = 0  # id of [PAD]; its embedding row starts at zero
+    initializer_range: float = 0.02  # std of the normal init of weights
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: H / A (64 for bert-base)."""
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BertConfig":
+        """Build a config from a dict, ignoring keys that are not fields (HF configs have many)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# BERT uses the exact GELU; "gelu_new" (the tanh approximation) and relu appear in some kin.
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
+               "relu": F.relu}
+
+
+class BertEmbeddings(nn.Module):
+    """Token vector = word piece + absolute position + segment (section 3, Figure 2)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        positions = torch.arange(seq_len, device=input_ids.device)  # (seq,)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if token_type_ids is None:
+            # A single segment: every token is sentence A, whose row is token type 0.
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.layer_norm(x))  # (batch, seq, hidden)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V, written out; the model calls the fused equivalent.
+
+    q, k, v: (batch, heads, seq, head_dim). key_padding_mask: (batch, 1, 1, seq), True where
+    the key is a real token. Padding keys get -inf before the softmax, so every query gives
+    them exactly zero weight and [PAD] can never leak into a real token's vector. There is no
+    causal mask: every token sees every other token, left and right (BERT's bidirectionality).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (batch, heads, seq, seq)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v  # (batch, heads, seq, head_dim)
+
+
+class BertSelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention followed by its output projection."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        # Q, K and V in one matrix multiply: three separate (H, H) projections stacked into one
+        # (3H, H) weight. Same numbers as three Linear layers, one kernel launch instead of three.
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        qkv = self.qkv(x)  # (batch, seq, 3 * hidden)
+        qkv = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (batch, heads, seq, head_dim)
+        # scaled_dot_product_attention computes attention_reference(q, k, v, mask) above in one
+        # fused kernel (flash or memory-efficient where available); is_causal stays False.
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_padding_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0)
+        context = context.transpose(1, 2).reshape(batch, seq, hidden)  # (batch, seq, hidden)
+        return self.out(context)
+
+
+class BertLayer(nn.Module):
+    """One encoder layer: attention and feed-forward, each as LayerNorm(x + Dropout(f(x))).
+
+    This is the post-LayerNorm arrangement of the original Transformer and of BERT; the
+    pre-LayerNorm variant of later models would not load BERT's weights correctly.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertSelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, key_padding_mask)))
+        h = self.activation(self.intermediate(x))  # (batch, seq, intermediate)
+        return self.output_norm(x + self.dropout(self.output(h)))  # (batch, seq, hidden)
+
+
+class BertPooler(nn.Module):
+    """tanh(W h_[CLS] + b): the sentence vector that next-sentence prediction was trained on."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))  # (batch, hidden)
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) bool, or None when nothing is padded.
+
+    Returning None for a batch without padding lets scaled_dot_product_attention choose its
+    fastest kernel; training blocks are always full, so this is the common case. The check
+    costs one reduction over (batch, seq), nothing next to a layer.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+class BertModel(nn.Module):
+    """The encoder: embeddings, then num_hidden_layers BertLayers. Returns hidden states."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.apply(lambda module: init_weights(module, config))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (batch, seq) -> last hidden states (batch, seq, hidden)."""
+        key_padding_mask = _key_padding_mask(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, key_padding_mask)
+        return x
+
+
+class MaskedLMHead(nn.Module):
+    """Predicts the original token at each position (section 3.1, Task #1).
+
+    transform (dense + GELU + LayerNorm), then a projection onto the vocabulary whose matrix
+    is the word embedding matrix itself: the model reads token t through row t of E and
+    predicts token t by the dot product with that same row, which saves vocab x hidden
+    parameters and keeps input and output meanings of a token in one place. The bias is the
+    head's own.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """hidden_states (..., hidden), word_embeddings (vocab, hidden) -> logits (..., vocab).
+
+        The decoder matrix is passed in rather than stored, so the tie cannot come undone and
+        the state dict holds the matrix once."""
+        h = self.layer_norm(self.activation(self.dense(hidden_states)))  # (..., hidden)
+        return F.linear(h, word_embeddings, self.bias)  # (..., vocab)
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT encoder plus the masked-LM head: logits over the vocabulary, or the MLM loss."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        # The MLM objective never uses the pooler (it served next-sentence prediction).
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.mlm_head = MaskedLMHead(config)
+        self.mlm_head.apply(lambda module: init_weights(module, config))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Without labels: logits (batch, seq, vocab). With labels (-100 = not masked): the
+        cross-entropy over the masked positions, averaged ("mean") or summed ("sum")."""
+        if labels is None:
+            hidden = self.bert(input_ids, attention_mask, token_type_ids)
+            return self.mlm_head(hidden, self.word_embeddings)
+        logits, targets = self.masked_logits(input_ids, labels, attention_mask, token_type_ids)
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+    def masked_logits(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the masked positions only: ((num_masked, vocab), targets (num_masked,)).
+
+        Only ~15% of positions carry a label, and the vocabulary projection is the largest
+        matrix multiply in the model (21% of bert-base's training FLOPs over all positions,
+        most of a small model's). Gathering the masked positions first skips the other 85%.
+        """
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (batch, seq, hidden)
+        is_masked = labels != -100  # (batch, seq)
+        logits = self.mlm_head(hidden[is_masked], self.word_embeddings)  # (num_masked, vocab)
+        return logits, labels[is_masked]
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """The (vocab, hidden) matrix shared by the input embedding and the MLM decoder."""
+        return self.bert.embeddings.word_embeddings.weight
+
+
+def init_weights(module: nn.Module, config: BertConfig) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, LayerNorm at identity."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=config.initializer_range)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=config.initializer_range)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
