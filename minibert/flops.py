@@ -1,0 +1,59 @@
+"""How many floating-point operations a BERT training step does, and what fraction of the
+hardware's peak that is (model FLOPs utilisation, MFU).
+
+Counted are the matrix multiplies, 2 FLOPs per multiply-add; LayerNorm, softmax, GELU and
+embedding look-ups are a few percent and left out, as in the usual MFU convention. The
+backward pass costs twice the forward (one product for the input's gradient, one for the
+weight's), so a training step is 3x the forward.
+
+Per token and layer, forward, with H = hidden_size, I = intermediate_size, S = seq length:
+    Q, K, V and output projections   2 * 4 * H * H
+    feed-forward (two matrices)      2 * 2 * H * I
+    scores QK^T and weights x V      2 * 2 * S * H
+Masked-LM head, per position it is computed at (only the masked ones in training):
+    transform dense                  2 * H * H
+    decoder onto the vocabulary      2 * H * vocab_size
+"""
+
+from __future__ import annotations
+
+from .model import BertConfig
+
+# Dense peak TFLOP/s (no sparsity) of common accelerators, by the precision that matmuls run in.
+# fp32 on A100/H100 means true fp32; PyTorch's default keeps TF32 off for matmuls.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+}
+
+
+def forward_flops(config: BertConfig, seq_len: int, head_positions: float) -> float:
+    """Forward FLOPs for one sequence whose MLM head runs at `head_positions` positions."""
+    h, i = config.hidden_size, config.intermediate_size
+    per_token_layer = 2 * 4 * h * h + 2 * 2 * h * i + 2 * 2 * seq_len * h
+    encoder = config.num_hidden_layers * seq_len * per_token_layer
+    head = head_positions * (2 * h * h + 2 * h * config.vocab_size)
+    return float(encoder + head)
+
+
+def training_flops_per_token(config: BertConfig, seq_len: int,
+                             mlm_probability: float = 0.15) -> float:
+    """Forward + backward FLOPs per input token, the head computed at masked positions only."""
+    return 3.0 * forward_flops(config, seq_len, mlm_probability * seq_len) / seq_len
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Peak TFLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    for chip, peaks in PEAK_TFLOPS.items():
+        if chip in device_name.upper():
+            return peaks.get(precision)
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Achieved FLOP/s over peak FLOP/s (a fraction), or None when the peak is unknown."""
+    if not peak:
+        return None
+    return tokens_per_s * flops_per_token / (peak * 1e12)
