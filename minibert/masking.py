@@ -1,0 +1,163 @@
+"""Masked-LM masking, exactly as BERT pre-training does it (Devlin et al. 2018, section 3.1).
+
+    special = special_token_ids(tokenizer)                   # [PAD], [CLS], [SEP], [MASK]
+    inputs, labels = mask_batch(input_ids, sequence_indices, seed=0, epoch=epoch,
+                                mask_token_id=tokenizer.token_to_id("[MASK]"),
+                                special_token_ids=special, vocab_size=tokenizer.get_vocab_size())
+
+In every sequence, 15% of the tokens that are not special are chosen as prediction targets.
+Of the chosen tokens 80% become [MASK], 10% a random token and 10% stay as they are. `labels`
+holds the original id at chosen positions and -100 (F.cross_entropy's ignore_index) elsewhere.
+
+Decisions:
+- Each sequence gets exactly max(1, round(mlm_probability * n)) targets among its n maskable
+  tokens, as the original create_pretraining_data.py does, rather than a coin flip per token:
+  every sequence has at least one target, so the loss is never 0/0 = NaN.
+- [UNK] is maskable like any word piece, as in the original code (which skips only [CLS] and
+  [SEP]): it stands for a real word of the text. So `special_token_ids(tokenizer)` returns
+  [PAD], [CLS], [SEP] and [MASK]; add [UNK]'s id yourself if it must never be a target.
+  Random replacements are drawn uniformly from every id below vocab_size that is not special.
+- Masks do not depend on how the data is split across processes: `mask_batch` gives each row
+  its own generator, seeded from (seed, epoch, index of the sequence in the dataset) only, so
+  1 process and 8 processes mask a given sequence identically, and evaluation (always the
+  same epoch) sees the same masks every time it runs.
+
+Pure functions of their arguments: nothing here knows about processes or torch.distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # label of positions that are not predicted; F.cross_entropy skips them
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of [PAD], [CLS], [SEP] and [MASK] in a `tokenizers.Tokenizer`: never chosen as
+    targets, never drawn as random replacements. [UNK] is left out on purpose (see above)."""
+    ids = [tokenizer.token_to_id(token) for token in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")]
+    if None in ids:
+        raise ValueError("the tokenizer lacks one of [PAD], [CLS], [SEP], [MASK]")
+    return ids
+
+
+def mask_tokens(input_ids: Tensor, *, mask_token_id: int, special_token_ids: Iterable[int],
+                vocab_size: int, mlm_probability: float = 0.15, mask_ratio: float = 0.8,
+                random_ratio: float = 0.1,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Mask a (batch, seq) or (seq,) tensor of token ids; returns new (inputs, labels) tensors
+    of the same shape (int64). `input_ids` is not modified. All randomness comes from
+    `generator` (torch's global generator when None)."""
+    special, replacements = _check(input_ids, mask_token_id, special_token_ids, vocab_size,
+                                   mlm_probability, mask_ratio, random_ratio)
+    rows = input_ids.long().reshape(-1, input_ids.shape[-1])  # (batch, seq)
+    draws = _draw(rows.shape, len(replacements), generator)
+    inputs, labels = _apply(rows, *draws, special=special, replacements=replacements,
+                            mask_token_id=mask_token_id, mlm_probability=mlm_probability,
+                            mask_ratio=mask_ratio, random_ratio=random_ratio)
+    return inputs.reshape(input_ids.shape), labels.reshape(input_ids.shape)
+
+
+def mask_batch(input_ids: Tensor, sequence_indices: Iterable[int], *, seed: int, epoch: int,
+               mask_token_id: int, special_token_ids: Iterable[int], vocab_size: int,
+               mlm_probability: float = 0.15, mask_ratio: float = 0.8,
+               random_ratio: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Mask a (batch, seq) batch whose row i is sequence `sequence_indices[i]` of the dataset.
+
+    Row i is masked exactly as `mask_tokens(input_ids[i], generator=row_generator(seed, epoch,
+    sequence_indices[i]))` would mask it: the result depends on (seed, epoch, index) and the
+    row's tokens only, never on the other rows of the batch or on the number of processes.
+    """
+    special, replacements = _check(input_ids, mask_token_id, special_token_ids, vocab_size,
+                                   mlm_probability, mask_ratio, random_ratio)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    indices = [int(i) for i in sequence_indices]
+    if len(indices) != input_ids.shape[0]:
+        raise ValueError(f"{len(indices)} sequence indices for a batch of {input_ids.shape[0]}")
+    row_draws = [_draw(input_ids.shape[1:], len(replacements), row_generator(seed, epoch, i))
+                 for i in indices]
+    scores, action, replacement = (torch.stack(d) for d in zip(*row_draws))  # (batch, seq)
+    return _apply(input_ids.long(), scores, action, replacement, special=special,
+                  replacements=replacements, mask_token_id=mask_token_id,
+                  mlm_probability=mlm_probability, mask_ratio=mask_ratio,
+                  random_ratio=random_ratio)
+
+
+def row_generator(seed: int, epoch: int, sequence_index: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, epoch, sequence_index) alone. numpy's SeedSequence
+    hashes the three numbers, so nearby triples give unrelated streams."""
+    if min(seed, epoch, sequence_index) < 0:
+        raise ValueError(f"seed, epoch and sequence index must be >= 0, got "
+                         f"{(seed, epoch, sequence_index)}")
+    state = np.random.SeedSequence([seed, epoch, sequence_index]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def _check(input_ids, mask_token_id, special_token_ids, vocab_size, mlm_probability,
+           mask_ratio, random_ratio) -> tuple[Tensor, Tensor]:
+    """Validate the arguments; return the special ids and the ids a random replacement may
+    take, both as int64 tensors."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be (batch, seq) or (seq,), got {tuple(input_ids.shape)}")
+    if not 0.0 < mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability must be in (0, 1], got {mlm_probability}")
+    if mask_ratio < 0 or random_ratio < 0 or mask_ratio + random_ratio > 1.0:
+        raise ValueError(f"mask_ratio {mask_ratio} and random_ratio {random_ratio} must be "
+                         f">= 0 and sum to at most 1")
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary")
+    special = torch.tensor(sorted(set(int(i) for i in special_token_ids)), dtype=torch.long)
+    is_replacement = torch.ones(vocab_size, dtype=torch.bool)
+    is_replacement[special[(special >= 0) & (special < vocab_size)]] = False
+    replacements = is_replacement.nonzero().squeeze(1)  # (vocab_size - num_special,)
+    if len(replacements) == 0:
+        raise ValueError("every id of the vocabulary is special: no random replacement exists")
+    return special, replacements
+
+
+def _draw(shape, num_replacements: int, generator: torch.Generator | None):
+    """All the randomness of masking, as three tensors of `shape`: a score per position (the
+    lowest scores become targets), a uniform number that picks mask / random / keep, and the
+    index of a random replacement. Drawn on the generator's device (CPU without one)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    scores = torch.rand(shape, generator=generator, device=device)
+    action = torch.rand(shape, generator=generator, device=device)
+    replacement = torch.randint(num_replacements, shape, generator=generator, device=device)
+    return scores, action, replacement
+
+
+def _apply(input_ids: Tensor, scores: Tensor, action: Tensor, replacement: Tensor, *,
+           special: Tensor, replacements: Tensor, mask_token_id: int, mlm_probability: float,
+           mask_ratio: float, random_ratio: float) -> tuple[Tensor, Tensor]:
+    """Turn the draws of `_draw` into (inputs, labels) for a (batch, seq) batch."""
+    device = input_ids.device
+    scores, action = scores.to(device), action.to(device)
+    replacement = replacements.to(device)[replacement.to(device)]  # (batch, seq) token ids
+    is_special = torch.isin(input_ids, special.to(device))  # (batch, seq)
+
+    # Targets: the k lowest-scoring maskable positions of each row, k = max(1, round(p * n)).
+    num_maskable = (~is_special).sum(dim=1)  # (batch,)
+    num_targets = torch.round(num_maskable * mlm_probability).long().clamp(min=1)
+    num_targets = torch.minimum(num_targets, num_maskable)  # 0 only for an all-special row
+    scores = scores.masked_fill(is_special, 2.0)  # above every uniform draw: never chosen
+    rank = scores.argsort(dim=1, stable=True).argsort(dim=1)  # each score's rank in its row
+    chosen = rank < num_targets[:, None]  # (batch, seq)
+    labels = torch.where(chosen, input_ids, IGNORE_INDEX)
+
+    # Why 80/10/10 (section 3.1, appendix C.2): [MASK] never appears when the model is
+    # fine-tuned, so masking every target would pre-train on inputs unlike the ones it will
+    # see. A random token in 10% of targets means no input token can be trusted to be the
+    # right word, so the model keeps a contextual representation of every token; leaving 10%
+    # unchanged biases that representation toward the word actually observed.
+    to_mask = chosen & (action < mask_ratio)
+    to_random = chosen & (action >= mask_ratio) & (action < mask_ratio + random_ratio)
+    inputs = input_ids.masked_fill(to_mask, mask_token_id)
+    inputs = torch.where(to_random, replacement, inputs)
+    return inputs, labels

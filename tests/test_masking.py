@@ -1,0 +1,153 @@
+"""Masking is a pure function: its statistics, its guarantees and its determinism."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from minibert import load_tokenizer
+from minibert.masking import (IGNORE_INDEX, mask_batch, mask_tokens, row_generator,
+                              special_token_ids)
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+# bert-base-uncased ids: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103.
+PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
+SPECIAL = [PAD, CLS, SEP, MASK]
+VOCAB_SIZE = 30522
+ARGS = dict(mask_token_id=MASK, special_token_ids=SPECIAL, vocab_size=VOCAB_SIZE)
+
+
+def blocks(num_rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """(num_rows, seq) rows [CLS] word pieces [SEP], like the blocks of minibert.data."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(999, VOCAB_SIZE, (num_rows, seq), generator=generator)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    return ids
+
+
+def test_special_token_ids_of_the_real_tokenizer_leave_unk_maskable():
+    tokenizer = load_tokenizer(ASSETS / "checkpoints" / "bert-tiny-splade-mlm")
+    assert special_token_ids(tokenizer) == SPECIAL
+    assert tokenizer.token_to_id("[UNK]") not in special_token_ids(tokenizer)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["mask_tokens", "mask_batch"])
+def test_rate_and_80_10_10_split_on_many_tokens(batched):
+    input_ids = blocks(4000 if not batched else 1000, 128)  # 504k / 126k maskable tokens
+    if batched:
+        inputs, labels = mask_batch(input_ids, range(len(input_ids)), seed=0, epoch=0, **ARGS)
+    else:
+        inputs, labels = mask_tokens(input_ids, generator=torch.Generator().manual_seed(0), **ARGS)
+    maskable = input_ids.numel() - 2 * len(input_ids)
+    assert maskable >= 100_000
+    chosen = labels != IGNORE_INDEX
+    assert abs(chosen.sum().item() / maskable - 0.15) < 0.005
+    assert torch.equal(labels[chosen], input_ids[chosen])
+    num_chosen = chosen.sum().item()
+    masked = (inputs[chosen] == MASK).sum().item() / num_chosen
+    kept = (inputs[chosen] == input_ids[chosen]).sum().item() / num_chosen
+    replaced = 1 - masked - kept
+    assert abs(masked - 0.8) < 0.01 and abs(replaced - 0.1) < 0.01 and abs(kept - 0.1) < 0.01
+    assert torch.equal(inputs[~chosen], input_ids[~chosen])  # untouched outside targets
+
+
+def test_special_and_padding_tokens_are_never_chosen_but_unk_is():
+    input_ids = blocks(2000, 64)
+    input_ids[:, 20:23] = torch.tensor([MASK, PAD, UNK])  # specials inside the text, and [UNK]
+    input_ids[::2, 40:] = PAD  # padded rows
+    inputs, labels = mask_tokens(input_ids, generator=torch.Generator().manual_seed(1), **ARGS)
+    is_special = torch.isin(input_ids, torch.tensor(SPECIAL))
+    assert (labels[is_special] == IGNORE_INDEX).all()
+    assert torch.equal(inputs[is_special], input_ids[is_special])
+    assert (labels[:, 22] == UNK).any()  # [UNK] is a word piece like the others
+
+
+def test_random_replacements_are_never_special():
+    # A vocabulary of 10 ids, 4 of them special: a bug would show up quickly.
+    input_ids = torch.randint(4, 10, (5000, 20), generator=torch.Generator().manual_seed(2))
+    inputs, labels = mask_tokens(input_ids, mask_token_id=3, special_token_ids=[0, 1, 2, 3],
+                                 vocab_size=10, mask_ratio=0.0, random_ratio=1.0,
+                                 generator=torch.Generator().manual_seed(2))
+    replaced = inputs[labels != IGNORE_INDEX]
+    assert set(replaced.tolist()) == {4, 5, 6, 7, 8, 9}
+    # The same on the real vocabulary size.
+    inputs, labels = mask_tokens(blocks(500, 128), mask_ratio=0.0, random_ratio=1.0,
+                                 generator=torch.Generator().manual_seed(3), **ARGS)
+    replaced = inputs[labels != IGNORE_INDEX]
+    assert not torch.isin(replaced, torch.tensor(SPECIAL)).any()
+    assert replaced.min() >= 0 and replaced.max() < VOCAB_SIZE
+
+
+def test_every_sequence_gets_a_target_even_three_tokens_long():
+    for seed in range(200):
+        inputs, labels = mask_tokens(torch.tensor([[CLS, 2023, SEP]]),
+                                     generator=torch.Generator().manual_seed(seed), **ARGS)
+        assert labels.tolist() == [[IGNORE_INDEX, 2023, IGNORE_INDEX]]
+        assert inputs[0, 0] == CLS and inputs[0, 2] == SEP
+    # Short and padded rows in one batch: each gets max(1, round(0.15 n)) targets.
+    input_ids = torch.full((4, 16), PAD)
+    for row, n in enumerate([1, 3, 10, 14]):
+        input_ids[row, :n + 2] = torch.tensor([CLS] + [2000 + i for i in range(n)] + [SEP])
+    _, labels = mask_tokens(input_ids, generator=torch.Generator().manual_seed(0), **ARGS)
+    assert (labels != IGNORE_INDEX).sum(dim=1).tolist() == [1, 1, 2, 2]
+    # A row with nothing to mask gets no target instead of an error.
+    _, labels = mask_tokens(torch.tensor([[CLS, SEP, PAD]]), **ARGS)
+    assert (labels == IGNORE_INDEX).all()
+
+
+def test_same_seed_same_masks_and_input_untouched():
+    input_ids = blocks(64, 128)
+    before = input_ids.clone()
+    first = mask_tokens(input_ids, generator=torch.Generator().manual_seed(7), **ARGS)
+    second = mask_tokens(input_ids, generator=torch.Generator().manual_seed(7), **ARGS)
+    other = mask_tokens(input_ids, generator=torch.Generator().manual_seed(8), **ARGS)
+    assert torch.equal(input_ids, before)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[1], other[1])
+    assert first[0].dtype == first[1].dtype == torch.long
+    # int32 blocks (as load_blocks returns) and a single (seq,) row are accepted.
+    row = mask_tokens(input_ids[0].int(), generator=torch.Generator().manual_seed(7), **ARGS)
+    assert row[0].shape == (128,)
+
+
+def test_mask_batch_is_world_size_invariant():
+    input_ids = blocks(12, 128)
+    indices = torch.arange(100, 112)
+    one_process = mask_batch(input_ids, indices, seed=5, epoch=3, **ARGS)
+    # Two processes: rank r takes rows r, r + 2, ... (a DistributedSampler's interleaving).
+    for rank in (0, 1):
+        inputs, labels = mask_batch(input_ids[rank::2], indices[rank::2], seed=5, epoch=3, **ARGS)
+        assert torch.equal(inputs, one_process[0][rank::2])
+        assert torch.equal(labels, one_process[1][rank::2])
+    # Nor does the batch composition matter: a row alone is masked as in its batch.
+    alone = mask_batch(input_ids[7:8], [107], seed=5, epoch=3, **ARGS)
+    assert torch.equal(alone[1][0], one_process[1][7])
+    # A row is masked exactly like mask_tokens with that row's generator.
+    tokens = mask_tokens(input_ids[7], generator=row_generator(5, 3, 107), **ARGS)
+    assert torch.equal(tokens[0], one_process[0][7]) and torch.equal(tokens[1], one_process[1][7])
+
+
+def test_mask_batch_changes_with_epoch_and_is_fixed_for_evaluation():
+    input_ids = blocks(8, 128)
+    epoch_0 = mask_batch(input_ids, range(8), seed=0, epoch=0, **ARGS)
+    again = mask_batch(input_ids, range(8), seed=0, epoch=0, **ARGS)
+    epoch_1 = mask_batch(input_ids, range(8), seed=0, epoch=1, **ARGS)
+    other_seed = mask_batch(input_ids, range(8), seed=1, epoch=0, **ARGS)
+    assert torch.equal(epoch_0[1], again[1])
+    assert not torch.equal(epoch_0[1], epoch_1[1])
+    assert not torch.equal(epoch_0[1], other_seed[1])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mlm_probability=0.0), "mlm_probability"),
+    (dict(mask_ratio=0.9, random_ratio=0.2), "sum to at most 1"),
+    (dict(mask_token_id=VOCAB_SIZE), "outside the vocabulary"),
+])
+def test_bad_arguments(change, message):
+    with pytest.raises(ValueError, match=message):
+        mask_tokens(blocks(2, 8), **{**ARGS, **change})
+    with pytest.raises(ValueError, match="integer token ids"):
+        mask_tokens(blocks(2, 8).float(), **ARGS)
+    with pytest.raises(ValueError, match="sequence indices"):
+        mask_batch(blocks(2, 8), [0], seed=0, epoch=0, **ARGS)
