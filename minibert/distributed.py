@@ -1,0 +1,141 @@
+"""Every torch.distributed call minibert makes: start, who am I, sum across ranks, stop.
+
+torchrun starts one process per device and tells each its place through environment
+variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The script hands those
+variables to `launch_from_env`; `init` joins the process group: NCCL between CUDA devices,
+gloo between CPU processes. A plain `python train.py` sets none of them and runs as rank 0 of
+1 without any process group: every helper below then does the single-process thing (sum over
+one rank = the value itself), so one training loop serves 1 process and N processes.
+
+The helpers read the rank from torch.distributed's own state rather than from a global of
+ours, so rank-0-only output (`print0`) needs no argument threaded through the code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .errors import MinibertError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a torchrun launch (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0  # global rank: 0 .. world_size - 1, across all nodes
+    local_rank: int = 0  # rank on this node; picks the CUDA device
+    world_size: int = 1  # number of processes in all
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launch_from_env(environ: Mapping[str, str]) -> Launch:
+    """Read torchrun's RANK, LOCAL_RANK and WORLD_SIZE from `environ` (the script passes
+    os.environ). Missing variables mean a plain single-process launch."""
+    try:
+        launch = Launch(rank=int(environ.get("RANK", 0)),
+                        local_rank=int(environ.get("LOCAL_RANK", 0)),
+                        world_size=int(environ.get("WORLD_SIZE", 1)))
+    except ValueError as error:
+        raise MinibertError(f"bad torchrun environment variable ({error})") from None
+    if not 0 <= launch.rank < launch.world_size:
+        raise MinibertError(f"RANK={launch.rank} is outside WORLD_SIZE={launch.world_size}")
+    return launch
+
+
+def init(launch: Launch, device_type: str) -> torch.device:
+    """Join the process group (when there is more than one process) and return this
+    process's device: cuda:LOCAL_RANK on GPUs, cpu otherwise."""
+    if device_type == "cuda":
+        if launch.local_rank >= torch.cuda.device_count():
+            raise MinibertError(f"LOCAL_RANK {launch.local_rank} but only "
+                                f"{torch.cuda.device_count()} CUDA devices are visible")
+        device = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
+    else:
+        device = torch.device("cpu")
+    if launch.distributed and not dist.is_initialized():
+        # init_method "env://" reads MASTER_ADDR / MASTER_PORT (set by torchrun) itself.
+        # The timeout only bounds collectives; data preparation never waits in one (the
+        # tokenized-data cache is guarded by a file lock, not a barrier).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                init_method="env://", rank=launch.rank,
+                                world_size=launch.world_size, timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the process that writes files and prints: global rank 0."""
+    return rank() == 0
+
+
+def print0(*values: Any) -> None:
+    """print() on rank 0 only. Goes through tqdm so that it does not break a progress bar."""
+    if is_main():
+        tqdm.write(" ".join(str(v) for v in values))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks, in place, and return it (unchanged in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """[value of rank 0, value of rank 1, ...] on every rank ([value] in one process)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when there are several processes.
+
+    DDP broadcasts rank 0's weights at construction, then averages the gradients across ranks
+    during backward, overlapping the all-reduce with the rest of the backward pass."""
+    if not dist.is_initialized():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() (backward without the gradient all-reduce) when `skip`, else nothing.
+
+    With gradient accumulation only the last micro-batch of an optimizer step needs the
+    all-reduce: the gradients of the earlier ones simply accumulate locally until then."""
+    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def cleanup() -> None:
+    """Leave the process group (a no-op when none was joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

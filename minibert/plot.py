@@ -1,0 +1,82 @@
+"""Loss curves from metrics.jsonl: train and eval loss against step, one colour per run.
+
+    python -m minibert.plot runs/quickstart                        # -> runs/quickstart/loss.png
+    python -m minibert.plot runs/a runs/b -o compare.png           # several runs on one figure
+
+The trainer calls `plot_runs([out_dir], out_dir / "loss.png")` at every evaluation. Figures
+are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so this
+works on machines without a display and changes nothing for other matplotlib users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import MinibertError, run_main
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The JSON objects of run_dir/metrics.jsonl, in order (a torn last line is skipped)."""
+    file = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MinibertError(f"{run_dir}: no metrics.jsonl (not a training run folder)") from None
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # the run may be writing this line right now
+    return records
+
+
+def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
+    """Draw train loss (lines) and eval loss (dots) of each run; write a PNG atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    for i, run_dir in enumerate(run_dirs):
+        records = read_metrics(run_dir)
+        colour = colours[i % len(colours)]
+        name = Path(run_dir).name or str(run_dir)
+        train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=colour, alpha=0.8, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals), "o--", color=colour, label=f"{name} eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked-LM loss (nats per masked token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out_file = Path(out_file)
+    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(out_file)  # a viewer never sees a half-written image
+    return out_file
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minibert.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="OUT_DIR", help="training output folders")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="PNG to write (default: OUT_DIR/loss.png for one run, "
+                             "loss-comparison.png for several)")
+    args = parser.parse_args(argv)
+    output = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1
+                             else Path("loss-comparison.png"))
+    print(f"wrote {plot_runs(args.run_dirs, output)}")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

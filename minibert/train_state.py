@@ -1,0 +1,152 @@
+"""What a run keeps on disk to continue exactly where it stopped: resume checkpoints, and
+the metrics log that a resumed run cuts back to the checkpoint's step.
+
+    out_dir/checkpoints/step-N/
+        model/               a minibert checkpoint folder (fill-mask and convert_weights read it)
+        training_state.pt    optimizer, LR scheduler, GradScaler, the RNG state of every rank,
+                             the data position and the config the run was started with
+
+A folder is written under a temporary name and renamed into place (checkpoint.atomic_folder),
+so a crash mid-write leaves the previous checkpoint intact and never a half-written one.
+
+The data position is the number of optimizer steps done: every global batch is a fixed
+slice of a permutation seeded by (seed, epoch), so (epoch, step in epoch) follows from the
+step and the global batch size, which is stored to check that the resumed run uses the same.
+Only dropout draws from torch's RNG (data order and masks have their own seeded generators),
+so the CPU and CUDA generator states of each rank are all the RNG a checkpoint needs.
+
+    out_dir/metrics.jsonl    one JSON object per line: step, train_loss, lr, grad_norm,
+                             tokens_per_s, mfu (when the peak is known), loss_scale (fp16),
+                             and eval_loss, eval_perplexity, eval_accuracy on evaluation lines
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_folder, save_pretrained
+from .distributed import is_main
+from .errors import MinibertError
+from .model import BertForMaskedLM
+from .plot import plot_runs
+
+STATE_FILE = "training_state.pt"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class DataPosition:
+    """How far through the data a run is, and the batch shape that defines the position."""
+
+    step: int  # optimizer steps done
+    epoch: int  # epoch the next step reads from
+    step_in_epoch: int  # global batches of that epoch already used
+    global_batch_size: int  # sequences per optimizer step, all processes together
+    num_train_blocks: int  # size of the training set the permutation was drawn over
+
+
+class MetricsFile:
+    """out_dir/metrics.jsonl, one JSON object per line, and its loss.png; rank 0 only."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        if not is_main():
+            return
+        kept = []
+        if keep_until_step is not None and path.is_file():
+            # A resumed run drops what the interrupted run logged after its checkpoint.
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line)["step"] <= keep_until_step:
+                        kept.append(line + "\n")
+        path.write_text("".join(kept), encoding="utf-8")
+
+    def write(self, record: dict, plot: bool = False) -> None:
+        """Append one line; with plot, also redraw loss.png beside the file."""
+        if is_main():
+            clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                     for k, v in record.items()}  # JSON has no inf/NaN: a skipped step logs null
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(clean) + "\n")
+            if plot:
+                plot_runs([self.path.parent], self.path.parent / "loss.png")
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG state (dropout is the only consumer)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_training_state(folder: str | Path, *, model: BertForMaskedLM, tokenizer_source: Path,
+                        optimizer: torch.optim.Optimizer, scheduler: Any,
+                        scaler: torch.amp.GradScaler, rng_states: list[dict],
+                        position: DataPosition, config: dict) -> Path:
+    """Write one resume checkpoint folder atomically. `rng_states` holds one entry per rank."""
+    with atomic_folder(folder, overwrite=True) as tmp:
+        save_pretrained(model, tmp / "model", tokenizer_source=tokenizer_source)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng_states": rng_states,
+                    "position": asdict(position), "config": config}, tmp / STATE_FILE)
+    return Path(folder)
+
+
+def load_training_state(folder: str | Path) -> dict:
+    """The contents of training_state.pt, with "position" as a DataPosition."""
+    file = Path(folder) / STATE_FILE
+    if not file.is_file():
+        raise MinibertError(f"{folder}: not a resume checkpoint (no {STATE_FILE})")
+    try:
+        # weights_only: tensors, dicts and numbers only, no arbitrary pickled code
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise MinibertError(f"{file}: unreadable ({type(error).__name__}: {error})") from None
+    state["position"] = DataPosition(**state["position"])
+    return state
+
+
+def step_checkpoints(out_dir: str | Path) -> list[Path]:
+    """out_dir/checkpoints/step-N folders, oldest first (temporary folders are ignored)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path:
+    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder."""
+    if resume == "latest":
+        found = step_checkpoints(out_dir)
+        if not found:
+            raise MinibertError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
+        return found[-1]
+    folder = Path(resume)
+    if not (folder / STATE_FILE).is_file():
+        raise MinibertError(f"--resume {resume}: not a resume checkpoint (no {STATE_FILE})")
+    return folder
+
+
+def prune(out_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (keep_last 0 keeps all)."""
+    if keep_last > 0:
+        for folder in step_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(folder, ignore_errors=True)

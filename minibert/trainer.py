@@ -1,0 +1,545 @@
+"""Masked-LM training of BERT: setup -> build -> fit -> evaluate, for 1 process or N.
+
+    train(config, os.environ)     # what train.py calls; the four steps below in order
+
+setup     joins the process group (when torchrun started us), picks device and precision, reads
+          the checkpoint, the tokenizer and the tokenized corpus.
+build     the model on its device (wrapped in DistributedDataParallel when there are several
+          processes), AdamW, the learning-rate schedule, the fp16 GradScaler; restores a
+          resume checkpoint.
+fit       the loop: one optimizer step = grad_accum micro-batches on every process; logs,
+          evaluates, saves, stops cleanly on SIGTERM / Ctrl-C.
+evaluate  exact masked-LM loss, perplexity and accuracy on the validation blocks.
+
+How a global batch is cut. Every epoch draws a permutation of the training blocks from
+(seed, epoch); optimizer step t of the epoch uses the slice [t*G, (t+1)*G) of it, where
+G = batch_size * grad_accum * world_size. That slice is split into grad_accum * world_size
+micro-batches of batch_size rows; micro-batch m of rank r is piece m * world_size + r. Each
+row is masked by (seed, epoch, block index) alone. So an optimizer step sees the same
+sequences with the same masks whether it runs as 2 processes x batch b, 1 process x batch 2b,
+or 1 process x batch b x grad_accum 2.
+
+Why the loss is divided by the step's masked-token count. The quantity minimised is the
+mean cross-entropy over all masked tokens of the optimizer step, across micro-batches and
+ranks: sum of NLL / N. Each micro-batch contributes its summed NLL divided by the global N
+(all-reduced before the first forward); averaging per-micro-batch means instead would weight
+a token by how few masked tokens its micro-batch happened to have. DDP averages gradients over
+the world_size ranks, so each rank multiplies its loss by world_size to turn that average back
+into the sum. The gradient is then the single-process large-batch gradient, up to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import shutil
+import signal
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import read_checkpoint, save_pretrained
+from .data import load_blocks
+from .distributed import all_reduce_sum, is_main, print0
+from .errors import MinibertError
+from .flops import mfu, peak_tflops, training_flops_per_token
+from .masking import IGNORE_INDEX, mask_batch, special_token_ids
+from .model import BertForMaskedLM
+from .tokenizer import load_tokenizer
+from .train_config import TrainConfig
+from .train_state import (DataPosition, MetricsFile, load_training_state, prune, resolve_resume,
+                          rng_state, save_training_state, set_rng_state, step_checkpoints)
+
+EVAL_EPOCH = 0  # evaluation masks always use this epoch (with config.eval_seed): fixed masks
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+@dataclass
+class Run:
+    """What setup() prepared: this process's place, device and numerics, model and data."""
+
+    config: TrainConfig
+    launch: distributed.Launch
+    device: torch.device
+    precision: str  # fp32|fp16|bf16, "auto" resolved
+    out_dir: Path
+    model: BertForMaskedLM  # as read, on the CPU
+    model_folder: Path  # the folder it was read from: vocab.txt comes from here
+    resume_from: Path | None  # a step-N checkpoint folder, or None for a fresh run
+    train_blocks: np.ndarray  # (num_blocks, max_seq_length) token ids, memory-mapped
+    eval_blocks: np.ndarray  # (num_eval_blocks, max_seq_length)
+    mask: Callable  # mask_batch with this tokenizer's special ids filled in
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.global_batch_size(self.launch.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # The final partial global batch of each epoch is dropped: every step then has the
+        # same number of sequences, and the step -> data mapping stays a simple slice.
+        return len(self.train_blocks) // self.global_batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.max_steps or self.config.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.config.warmup_steps is not None:
+            return min(self.config.warmup_steps, self.total_steps)
+        return round(self.config.warmup_ratio * self.total_steps)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CPUs and on GPUs that compute in bf16 natively (compute capability
+    8.0, Ampere, or newer), fp16 (with loss scaling) on older GPUs such as the T4 (7.5)."""
+    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+    if precision == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if precision == "bf16" and not native_bf16:
+        raise MinibertError(f"precision bf16: {torch.cuda.get_device_name(device)} has no native "
+                            f"bf16; use fp16 or auto")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision: matmuls in fp16/bf16, reductions and the loss in fp32 (torch.autocast
+    decides per operation). Weights and optimizer state stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
+    """Join the process group, choose device and precision, read model, tokenizer and data."""
+    launch = distributed.launch_from_env(environ)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise MinibertError("device cuda: no CUDA device is visible")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = distributed.init(launch, "cuda" if use_cuda else "cpu")
+    precision = resolve_precision(config.precision, device)
+
+    out_dir = Path(config.out_dir)
+    resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
+    if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
+        raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to "
+                            f"continue it, --overwrite to start afresh, or another --out_dir")
+
+    # Resuming reads the weights from the checkpoint, whose folder also holds vocab.txt.
+    model, model_folder, notices = read_checkpoint(resume_from / "model" if resume_from
+                                                   else config.model)
+    for notice in notices:
+        print0(f"note: {notice}")
+    if config.max_seq_length > model.config.max_position_embeddings:
+        raise MinibertError(f"max_seq_length {config.max_seq_length} exceeds the model's "
+                            f"max_position_embeddings ({model.config.max_position_embeddings})")
+    tokenizer = load_tokenizer(model_folder)
+
+    # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
+    read = functools.partial(load_blocks, config.data, tokenizer=tokenizer,
+                             max_seq_length=config.max_seq_length,
+                             cache_dir=Path(config.cache_dir).expanduser(),
+                             join_wikitext_artifacts=config.join_wikitext_artifacts,
+                             show_progress=is_main())
+    train_blocks, eval_blocks = read(split="train"), read(split="validation")
+    eval_blocks = eval_blocks[:config.eval_max_blocks]  # [:None] keeps them all
+    mask = functools.partial(mask_batch, mask_token_id=tokenizer.token_to_id("[MASK]"),
+                             special_token_ids=special_token_ids(tokenizer),
+                             vocab_size=model.config.vocab_size,
+                             mlm_probability=config.mlm_probability)
+    run = Run(config, launch, device, precision, out_dir, model, model_folder, resume_from,
+              train_blocks, eval_blocks, mask)
+    if run.steps_per_epoch == 0:
+        raise MinibertError(f"the training split has {len(train_blocks)} blocks, fewer than one "
+                            f"global batch of {run.global_batch_size} (batch_size x grad_accum "
+                            f"x processes)")
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and config.overwrite:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+@dataclass
+class Trainee:
+    """The model and everything that updates it."""
+
+    model: BertForMaskedLM  # the plain module: evaluation and saving use it
+    ddp_model: torch.nn.Module  # the same module, wrapped in DDP when there are several ranks
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only. Biases and LayerNorm weights (the 1-d parameters) are
+    offsets and scales, not feature detectors: shrinking them toward zero only hurts, as in the
+    original BERT optimizer, which excluded "bias" and "LayerNorm" by name."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier for the update with 0-based index i: rises linearly to 1 over the first
+    warmup_steps updates, then falls linearly, reaching 1/(total - warmup) at the last one
+    (no update is wasted on a learning rate of exactly 0)."""
+    def factor(i: int) -> float:
+        if i < warmup_steps:
+            return (i + 1) / warmup_steps
+        return max(0.0, (total_steps - i) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def build(config: TrainConfig, run: Run) -> Trainee:
+    """Model on its device (in DDP across ranks), AdamW, schedule, GradScaler; resume if asked."""
+    model = run.model
+    if config.dropout is not None:
+        # Rebuild with the new dropout through the model's own constructor, then copy weights.
+        dropout_config = replace(model.config, hidden_dropout_prob=config.dropout,
+                                 attention_probs_dropout_prob=config.dropout)
+        state = model.state_dict()
+        model = BertForMaskedLM(dropout_config)
+        model.load_state_dict(state)
+    model = model.to(run.device)
+    ddp_model = distributed.wrap_model(model, run.device)
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(run.warmup_steps, run.total_steps))
+    # Loss scaling exists for fp16 only: its 5-bit exponent flushes small gradients to zero
+    # unless the loss is scaled up first; bf16 has fp32's exponent range and needs none.
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
+
+    # Dropout is the only user of torch's RNG; each rank gets its own stream so that ranks do
+    # not drop the same units. (Data order and masks have their own seeded generators.)
+    torch.manual_seed(int(np.random.SeedSequence([config.seed, run.launch.rank])
+                          .generate_state(1, np.uint64)[0]))
+    start_step = 0
+    if run.resume_from is not None:
+        start_step = restore(run, optimizer, scheduler, scaler)
+    return Trainee(model, ddp_model, optimizer, scheduler, scaler, start_step)
+
+
+def restore(run: Run, optimizer, scheduler, scaler) -> int:
+    """Load optimizer, scheduler, GradScaler and this rank's RNG state; return the step."""
+    state = load_training_state(run.resume_from)
+    position: DataPosition = state["position"]
+    if (position.global_batch_size, position.num_train_blocks) != (
+            run.global_batch_size, len(run.train_blocks)):
+        raise MinibertError(
+            f"{run.resume_from}: saved with a global batch of {position.global_batch_size} over "
+            f"{position.num_train_blocks} blocks, this run has {run.global_batch_size} over "
+            f"{len(run.train_blocks)}; resume with the same data, batch_size x grad_accum x "
+            f"processes")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    rng_states = state["rng_states"]
+    if len(rng_states) == run.launch.world_size:
+        set_rng_state(rng_states[run.launch.rank], run.device)
+    else:
+        print0(f"note: the checkpoint holds RNG states of {len(rng_states)} processes, this run "
+               f"has {run.launch.world_size}: dropout draws will differ from the original run")
+    print0(f"resumed from {run.resume_from} at step {position.step}")
+    return position.step
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed: int, epoch: int, num_blocks: int) -> np.ndarray:
+    """The order in which an epoch visits the training blocks, from (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch]).permutation(num_blocks)
+
+
+def step_rows(run: Run, epoch: int, step_in_epoch: int) -> np.ndarray:
+    """Block indices this rank trains on in one optimizer step: (grad_accum, batch_size)."""
+    config, world = run.config, run.launch.world_size
+    order = epoch_permutation(config.seed, epoch, len(run.train_blocks))
+    start = step_in_epoch * run.global_batch_size
+    rows = order[start:start + run.global_batch_size]  # (global_batch,)
+    return rows.reshape(config.grad_accum, world, config.batch_size)[:, run.launch.rank]
+
+
+class StopRequest:
+    """Remembers a SIGTERM or Ctrl-C so that the loop can save and stop at a step boundary.
+
+    The handler stays installed until the loop ends: under torchrun a worker gets Ctrl-C's
+    SIGINT from the terminal and then again from torchrun, which forwards it, and a second
+    signal must not interrupt the checkpoint being written. (torchrun kills workers that do
+    not exit within 30 s of its signal.) Handlers can only be installed from the main thread;
+    elsewhere this does nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            print0(f"{signal.Signals(signum).name}: saving a checkpoint after this step, "
+                   f"then stopping")
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's masked inputs and labels for a whole optimizer step, on its device:
+    two (grad_accum, batch_size, max_seq_length) tensors. Masks are made for the whole step
+    up front because every micro-batch's loss is divided by the step's masked-token count."""
+    config = run.config
+    epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
+    rows = step_rows(run, epoch, step_in_epoch).reshape(-1)  # (grad_accum * batch,)
+    input_ids = torch.from_numpy(run.train_blocks[rows]).long()
+    inputs, labels = run.mask(input_ids, rows, seed=config.seed, epoch=epoch)
+    shape = (config.grad_accum, config.batch_size, config.max_seq_length)
+    return inputs.view(shape).to(run.device), labels.view(shape).to(run.device)
+
+
+def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: torch.Tensor,
+                   global_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches, then one AdamW update.
+
+    Returns (this rank's summed NLL over the step, gradient norm before clipping)."""
+    config, ddp_model, scaler = run.config, trainee.ddp_model, trainee.scaler
+    ddp_model.train()
+    step_nll = torch.zeros((), dtype=torch.float64, device=run.device)
+    for micro in range(config.grad_accum):
+        last_micro = micro == config.grad_accum - 1
+        with distributed.no_sync(ddp_model, skip=not last_micro):
+            with autocast(run.device, run.precision):
+                # Training blocks are full (no padding): no attention mask is needed.
+                nll = ddp_model(inputs[micro], labels=labels[micro], reduction="sum")
+            # The step's mean over all its masked tokens, x world_size to undo DDP's average
+            # (see the module docstring). The scaler multiplies by the fp16 loss scale.
+            scaler.scale(nll * run.launch.world_size / global_count).backward()
+        step_nll += nll.detach()
+    scaler.unscale_(trainee.optimizer)  # true gradients, so the clip threshold means what it says
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(),
+                                               config.max_grad_norm or float("inf"))
+    scaler.step(trainee.optimizer)  # skipped when an fp16 gradient overflowed to inf/NaN
+    scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+    trainee.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        # A skipped fp16 step makes torch warn that the scheduler stepped without the
+        # optimizer; the schedule follows the step count either way, on purpose.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        trainee.scheduler.step()
+    return step_nll, grad_norm
+
+
+def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
+    """checkpoints/step-N (rank 0 writes it; every rank hands over its RNG state)."""
+    rng_states = distributed.all_gather_object(rng_state(run.device))
+    if is_main():
+        epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
+        save_training_state(
+            run.out_dir / "checkpoints" / f"step-{step}", model=trainee.model,
+            tokenizer_source=run.model_folder, optimizer=trainee.optimizer,
+            scheduler=trainee.scheduler, scaler=trainee.scaler, rng_states=rng_states,
+            config=asdict(run.config),
+            position=DataPosition(step, epoch, step_in_epoch, run.global_batch_size,
+                                  len(run.train_blocks)))
+        prune(run.out_dir, run.config.keep_last)
+
+
+def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
+    """Train from trainee.start_step to run.total_steps; returns a summary of the run.
+
+    metrics.jsonl gets a line at step 0 (evaluation only), every log_every steps and at every
+    evaluation. Its train_loss is the loss over all masked tokens of all ranks in the steps
+    since the previous line: that step's own loss when log_every is 1. (After a resume the
+    first line covers the steps since the checkpoint only.)"""
+    model, scheduler, scaler, device = trainee.model, trainee.scheduler, trainee.scaler, run.device
+    world, total_steps, seq_len = run.launch.world_size, run.total_steps, config.max_seq_length
+    step = trainee.start_step
+    resumed = run.resume_from is not None
+    metrics = MetricsFile(run.out_dir / "metrics.jsonl", keep_until_step=step if resumed else None)
+
+    flops_per_token = training_flops_per_token(model.config, seq_len, config.mlm_probability)
+    peak = config.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), run.precision)
+                                  if device.type == "cuda" else None)
+    params = sum(p.numel() for p in model.parameters())
+    print0(f"{world} process(es) on {device.type}, {run.precision}; model {params / 1e6:.1f} M "
+           f"parameters; {len(run.train_blocks)} training blocks of {seq_len} tokens, "
+           f"{len(run.eval_blocks)} evaluation blocks; global batch {run.global_batch_size} "
+           f"({config.batch_size} x {config.grad_accum} accumulation x {world}); "
+           f"{run.steps_per_epoch} steps per epoch, {total_steps} steps, "
+           f"{run.warmup_steps} warmup")
+
+    summary: dict = {"start_step": step, "stopped": False, "evals": {}}
+    last_saved = step if resumed else None
+
+    def run_eval(record: dict) -> None:
+        result = evaluate(model, run.eval_blocks, run.mask, seed=config.eval_seed,
+                          batch_size=config.eval_batch_size or config.batch_size,
+                          device=device, precision=run.precision)
+        record.update(result)
+        summary["evals"][record["step"]] = result
+        print0(f"step {record['step']}: eval loss {result['eval_loss']:.4f}, perplexity "
+               f"{result['eval_perplexity']:.2f}, accuracy {result['eval_accuracy']:.4f}")
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        save_checkpoint(run, trainee, step)
+        last_saved = step
+
+    if not resumed:  # step 0: the pretrained model before any update
+        record = {"step": 0}
+        run_eval(record)
+        metrics.write(record, plot=True)
+
+    # Sums since the last log line: summed NLL of this rank, masked tokens of all ranks.
+    window_nll = torch.zeros((), dtype=torch.float64, device=device)
+    window_count = torch.zeros((), dtype=torch.int64, device=device)
+    window_steps, window_seconds = 0, 0.0  # seconds of training steps only (no eval, no save)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+               disable=not is_main(), dynamic_ncols=True)
+    with StopRequest() as stop:
+        while step < total_steps:
+            step_start = time.perf_counter()
+            inputs, labels = step_batch(run, step)
+            # One all-reduce carries both the masked-token count of this step over all ranks
+            # and whether any rank was asked to stop, so that all ranks stop at the same step.
+            local = torch.stack([(labels != IGNORE_INDEX).sum(),
+                                 torch.tensor(int(stop.requested), device=device)])
+            global_count, stop_votes = all_reduce_sum(local).unbind()
+            if stop_votes.item() > 0:
+                break
+            lr = scheduler.get_last_lr()[0]
+            step_nll, grad_norm = optimizer_step(run, trainee, inputs, labels, global_count)
+            step += 1
+            window_nll += step_nll
+            window_count += global_count
+            window_steps += 1
+            bar.update(1)
+
+            is_eval = step == total_steps or (config.eval_every and step % config.eval_every == 0)
+            if step % config.log_every == 0 or is_eval:
+                train_loss = (all_reduce_sum(window_nll) / window_count).item()  # waits for GPU
+                window_seconds += time.perf_counter() - step_start
+                tokens_per_s = window_steps * run.global_batch_size * seq_len / window_seconds
+                record = {"step": step, "train_loss": train_loss, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+                achieved = mfu(tokens_per_s / world, flops_per_token, peak)
+                if achieved is not None:
+                    record["mfu"] = achieved
+                if scaler.is_enabled():
+                    record["loss_scale"] = scaler.get_scale()
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+                summary["train_loss"] = train_loss
+                if is_eval:
+                    run_eval(record)
+                metrics.write(record, plot=is_eval)  # loss.png is redrawn at each evaluation
+                window_nll.zero_()
+                window_count.zero_()
+                window_steps, window_seconds = 0, 0.0
+            else:
+                window_seconds += time.perf_counter() - step_start
+            if config.save_every and step % config.save_every == 0:
+                save(step)
+        bar.close()
+        if step < total_steps:  # left the loop early: a stop was requested
+            if last_saved != step:
+                save(step)
+            print0(f"stopped at step {step}; continue with --resume")
+            summary.update(stopped=True, step=step)
+            return summary
+
+    if last_saved != step:
+        save(step)
+    if is_main():
+        save_pretrained(model, run.out_dir / "final", tokenizer_source=run.model_folder,
+                        overwrite=True)
+    if device.type == "cuda":
+        print0(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print0(f"wrote {run.out_dir / 'final'} and {run.out_dir / 'metrics.jsonl'}, "
+           f"{run.out_dir / 'loss.png'}")
+    summary["step"] = step
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+@torch.no_grad()
+def evaluate(model: BertForMaskedLM, blocks: np.ndarray, mask: Callable, *, seed: int,
+             batch_size: int, device: torch.device, precision: str) -> dict[str, float]:
+    """Masked-LM loss, perplexity and accuracy over `blocks`, exact across ranks.
+
+    Each rank takes a contiguous share of the blocks (shares may differ by one: nothing is
+    padded or repeated), sums the NLL and counts masked and correctly predicted tokens; the
+    three sums are all-reduced, then divided. Masks come from (seed, EVAL_EPOCH, block index),
+    the same at every evaluation, so numbers are comparable across steps and runs.
+    """
+    was_training = model.training
+    model.eval()
+    share = np.array_split(np.arange(len(blocks)), distributed.world_size())[distributed.rank()]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, masked tokens, correct
+    for start in range(0, len(share), batch_size):
+        rows = share[start:start + batch_size]
+        input_ids = torch.from_numpy(blocks[rows]).long()
+        inputs, labels = mask(input_ids, rows, seed=seed, epoch=EVAL_EPOCH)
+        with autocast(device, precision):
+            logits, targets = model.masked_logits(inputs.to(device), labels.to(device))
+        logits = logits.float()  # (num_masked, vocab)
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+        sums[1] += targets.numel()
+        sums[2] += (logits.argmax(dim=-1) == targets).sum()
+    nll, count, correct = all_reduce_sum(sums).tolist()
+    model.train(was_training)
+    if count == 0:
+        raise MinibertError("evaluation has no masked tokens (no validation blocks?)")
+    loss = nll / count
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+            "eval_accuracy": correct / count}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, environ: Mapping[str, str]) -> dict:
+    """The whole run: setup -> build -> fit (evaluating as it goes). `environ` holds torchrun's
+    variables (the script passes os.environ); returns fit's summary."""
+    try:
+        run = setup(config, environ)
+        trainee = build(config, run)
+        return fit(config, run, trainee)
+    finally:
+        distributed.cleanup()
