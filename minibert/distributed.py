@@ -130,6 +130,7 @@ def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextMan
 
     With gradient accumulation only the last micro-batch of an optimizer step needs the
     all-reduce: the gradients of the earlier ones simply accumulate locally until then."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
