@@ -27,7 +27,8 @@ Pure functions of their arguments: nothing here knows about processes or torch.d
 
 from __future__ import annotations
 
-from typing import Iterable
+import functools
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -43,6 +44,46 @@ def special_token_ids(tokenizer) -> list[int]:
     if None in ids:
         raise ValueError("the tokenizer lacks one of [PAD], [CLS], [SEP], [MASK]")
     return ids
+
+
+def word_starts(tokenizer, input_ids: Tensor) -> Tensor:
+    """True at the first piece of every word of `input_ids` (any shape), False at the pieces
+    that continue a word.
+
+    WordPiece marks a piece that continues the word before it with "##" ("playing" ->
+    "play", "##ing"). Each special token ([CLS], [SEP], [PAD], [MASK], [UNK]) is a word of its
+    own, and a "##" piece right after one (a block that starts in the middle of a word) starts
+    a word, since the piece it continued is not there.
+    """
+    is_continuation, is_special = _piece_tables(tokenizer)
+    ids = input_ids.long()
+    starts = ~is_continuation[ids] | is_special[ids]
+    after_special = torch.zeros_like(starts)
+    after_special[..., 1:] = is_special[ids[..., :-1]]
+    starts |= after_special
+    starts[..., :1] = True  # a sequence always starts a word
+    return starts
+
+
+@functools.lru_cache(maxsize=8)
+def _piece_tables(tokenizer) -> tuple[Tensor, Tensor]:
+    """Two (vocab_size,) bool tables of a tokenizer: "##" continuation pieces, special tokens."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    size = max(vocab.values()) + 1
+    is_continuation = torch.zeros(size, dtype=torch.bool)
+    is_special = torch.zeros(size, dtype=torch.bool)
+    for token, index in vocab.items():
+        is_continuation[index] = token.startswith("##")
+        is_special[index] = token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    return is_continuation, is_special
+
+
+def make_masker(tokenizer, *, vocab_size: int, mlm_probability: float = 0.15) -> Callable:
+    """`mask_batch` with a tokenizer's special ids filled in: what the trainer and the
+    evaluation call as mask(input_ids, sequence_indices, seed=..., epoch=...)."""
+    return functools.partial(mask_batch, mask_token_id=tokenizer.token_to_id("[MASK]"),
+                             special_token_ids=special_token_ids(tokenizer),
+                             vocab_size=vocab_size, mlm_probability=mlm_probability)
 
 
 def mask_tokens(input_ids: Tensor, *, mask_token_id: int, special_token_ids: Iterable[int],

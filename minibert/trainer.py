@@ -9,15 +9,10 @@ build     the model on its device (wrapped in DistributedDataParallel when there
           resume checkpoint.
 fit       the loop: one optimizer step = grad_accum micro-batches on every process; logs,
           evaluates, saves, stops cleanly on SIGTERM / Ctrl-C.
-evaluate  exact masked-LM loss, perplexity and accuracy on the validation blocks.
+evaluate  exact masked-LM loss, perplexity and accuracy on the validation blocks
+          (minibert/evaluate.py, also a command of its own).
 
-How a global batch is cut. Every epoch draws a permutation of the training blocks from
-(seed, epoch); optimizer step t of the epoch uses the slice [t*G, (t+1)*G) of it, where
-G = batch_size * grad_accum * world_size. That slice is split into grad_accum * world_size
-micro-batches of batch_size rows; micro-batch m of rank r is piece m * world_size + r. Each
-row is masked by (seed, epoch, block index) alone. So an optimizer step sees the same
-sequences with the same masks whether it runs as 2 processes x batch b, 1 process x batch 2b,
-or 1 process x batch b x grad_accum 2.
+How a global batch is cut across steps, micro-batches and ranks: minibert/batches.py.
 
 Why the loss is divided by the step's masked-token count. The quantity minimised is the
 mean cross-entropy over all masked tokens of the optimizer step, across micro-batches and
@@ -30,9 +25,7 @@ into the sum. The gradient is then the single-process large-batch gradient, up t
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 import shutil
 import signal
 import threading
@@ -44,24 +37,23 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
+from .batches import BatchLayout, step_batch
 from .checkpoint import read_checkpoint, save_pretrained
 from .data import load_blocks
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError
+from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
-from .masking import IGNORE_INDEX, mask_batch, special_token_ids
+from .masking import IGNORE_INDEX, make_masker
 from .model import BertForMaskedLM
+from .precision import autocast, resolve_precision
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .train_state import (DataPosition, MetricsFile, load_training_state, prune, resolve_resume,
                           rng_state, save_training_state, set_rng_state, step_checkpoints)
-
-EVAL_EPOCH = 0  # evaluation masks always use this epoch (with config.eval_seed): fixed masks
-
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -81,17 +73,22 @@ class Run:
     resume_from: Path | None  # a step-N checkpoint folder, or None for a fresh run
     train_blocks: np.ndarray  # (num_blocks, max_seq_length) token ids, memory-mapped
     eval_blocks: np.ndarray  # (num_eval_blocks, max_seq_length)
-    mask: Callable  # mask_batch with this tokenizer's special ids filled in
+    mask: Callable  # mask_batch with this tokenizer's special ids filled in (make_masker)
+
+    @property
+    def layout(self) -> BatchLayout:
+        """Which blocks each step of this rank reads (minibert/batches.py)."""
+        return BatchLayout(len(self.train_blocks), self.config.batch_size,
+                           self.config.grad_accum, self.launch.world_size, self.launch.rank,
+                           self.config.seed)
 
     @property
     def global_batch_size(self) -> int:
-        return self.config.global_batch_size(self.launch.world_size)
+        return self.layout.global_batch_size
 
     @property
     def steps_per_epoch(self) -> int:
-        # The final partial global batch of each epoch is dropped: every step then has the
-        # same number of sequences, and the step -> data mapping stays a simple slice.
-        return len(self.train_blocks) // self.global_batch_size
+        return self.layout.steps_per_epoch
 
     @property
     def total_steps(self) -> int:
@@ -102,27 +99,6 @@ class Run:
         if self.config.warmup_steps is not None:
             return min(self.config.warmup_steps, self.total_steps)
         return round(self.config.warmup_ratio * self.total_steps)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CPUs and on GPUs that compute in bf16 natively (compute capability
-    8.0, Ampere, or newer), fp16 (with loss scaling) on older GPUs such as the T4 (7.5)."""
-    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
-    if precision == "auto":
-        return "bf16" if native_bf16 else "fp16"
-    if precision == "bf16" and not native_bf16:
-        raise MinibertError(f"precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                            f"bf16; use fp16 or auto")
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision: matmuls in fp16/bf16, reductions and the loss in fp32 (torch.autocast
-    decides per operation). Weights and optimizer state stay fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
@@ -158,10 +134,8 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
                              show_progress=is_main())
     train_blocks, eval_blocks = read(split="train"), read(split="validation")
     eval_blocks = eval_blocks[:config.eval_max_blocks]  # [:None] keeps them all
-    mask = functools.partial(mask_batch, mask_token_id=tokenizer.token_to_id("[MASK]"),
-                             special_token_ids=special_token_ids(tokenizer),
-                             vocab_size=model.config.vocab_size,
-                             mlm_probability=config.mlm_probability)
+    mask = make_masker(tokenizer, vocab_size=model.config.vocab_size,
+                       mlm_probability=config.mlm_probability)
     run = Run(config, launch, device, precision, out_dir, model, model_folder, resume_from,
               train_blocks, eval_blocks, mask)
     if run.steps_per_epoch == 0:
@@ -279,21 +253,6 @@ def restore(run: Run, optimizer, scheduler, scaler) -> int:
 # fit
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_permutation(seed: int, epoch: int, num_blocks: int) -> np.ndarray:
-    """The order in which an epoch visits the training blocks, from (seed, epoch) alone."""
-    return np.random.default_rng([seed, epoch]).permutation(num_blocks)
-
-
-def step_rows(run: Run, epoch: int, step_in_epoch: int) -> np.ndarray:
-    """Block indices this rank trains on in one optimizer step: (grad_accum, batch_size)."""
-    config, world = run.config, run.launch.world_size
-    order = epoch_permutation(config.seed, epoch, len(run.train_blocks))
-    start = step_in_epoch * run.global_batch_size
-    rows = order[start:start + run.global_batch_size]  # (global_batch,)
-    return rows.reshape(config.grad_accum, world, config.batch_size)[:, run.launch.rank]
-
-
 class StopRequest:
     """Remembers a SIGTERM or Ctrl-C so that the loop can save and stop at a step boundary.
 
@@ -323,27 +282,6 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's masked inputs and labels for a whole optimizer step, on its device:
-    two (grad_accum, batch_size, max_seq_length) tensors. Masks are made for the whole step
-    up front because every micro-batch's loss is divided by the step's masked-token count."""
-    config = run.config
-    epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
-    rows = step_rows(run, epoch, step_in_epoch).reshape(-1)  # (grad_accum * batch,)
-    input_ids = torch.from_numpy(run.train_blocks[rows]).long()
-    inputs, labels = run.mask(input_ids, rows, seed=config.seed, epoch=epoch)
-    shape = (config.grad_accum, config.batch_size, config.max_seq_length)
-    return to_device(inputs.view(shape), run.device), to_device(labels.view(shape), run.device)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a batch to the device; to a GPU from pinned memory, so the copy runs asynchronously
-    while the GPU still works on the previous step."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: torch.Tensor,
@@ -382,7 +320,7 @@ def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
     """checkpoints/step-N (rank 0 writes it; every rank hands over its RNG state)."""
     rng_states = distributed.all_gather_object(rng_state(run.device))
     if is_main():
-        epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
+        epoch, step_in_epoch = run.layout.epoch_and_step(step)
         save_training_state(
             run.out_dir / "checkpoints" / f"step-{step}", model=trainee.model,
             tokenizer_source=run.model_folder, optimizer=trainee.optimizer,
@@ -448,7 +386,7 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     with StopRequest() as stop:
         while step < total_steps:
             step_start = time.perf_counter()
-            inputs, labels = step_batch(run, step)
+            inputs, labels = step_batch(run.train_blocks, run.layout, run.mask, step, device)
             # One all-reduce carries both the masked-token count of this step over all ranks
             # and whether any rank was asked to stop, so that all ranks stop at the same step.
             local = torch.stack([(labels != IGNORE_INDEX).sum(),
@@ -507,43 +445,6 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
            f"{run.out_dir / 'loss.png'}")
     summary["step"] = step
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluate
-
-
-@torch.no_grad()
-def evaluate(model: BertForMaskedLM, blocks: np.ndarray, mask: Callable, *, seed: int,
-             batch_size: int, device: torch.device, precision: str) -> dict[str, float]:
-    """Masked-LM loss, perplexity and accuracy over `blocks`, exact across ranks.
-
-    Each rank takes a contiguous share of the blocks (shares may differ by one: nothing is
-    padded or repeated), sums the NLL and counts masked and correctly predicted tokens; the
-    three sums are all-reduced, then divided. Masks come from (seed, EVAL_EPOCH, block index),
-    the same at every evaluation, so numbers are comparable across steps and runs.
-    """
-    was_training = model.training
-    model.eval()
-    share = np.array_split(np.arange(len(blocks)), distributed.world_size())[distributed.rank()]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, masked tokens, correct
-    for start in range(0, len(share), batch_size):
-        rows = share[start:start + batch_size]
-        input_ids = torch.from_numpy(blocks[rows]).long()
-        inputs, labels = mask(input_ids, rows, seed=seed, epoch=EVAL_EPOCH)
-        with autocast(device, precision):
-            logits, targets = model.masked_logits(inputs.to(device), labels.to(device))
-        logits = logits.float()  # (num_masked, vocab)
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[1] += targets.numel()
-        sums[2] += (logits.argmax(dim=-1) == targets).sum()
-    nll, count, correct = all_reduce_sum(sums).tolist()
-    model.train(was_training)
-    if count == 0:
-        raise MinibertError("evaluation has no masked tokens (no validation blocks?)")
-    loss = nll / count
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-            "eval_accuracy": correct / count}
 
 
 # ---------------------------------------------------------------------------------------------

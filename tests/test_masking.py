@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minibert import load_tokenizer
-from minibert.masking import (IGNORE_INDEX, mask_batch, mask_tokens, row_generator,
-                              special_token_ids)
+from minibert.masking import (IGNORE_INDEX, make_masker, mask_batch, mask_tokens,
+                              row_generator, special_token_ids, word_starts)
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
@@ -151,3 +151,35 @@ def test_bad_arguments(change, message):
         mask_tokens(blocks(2, 8).float(), **ARGS)
     with pytest.raises(ValueError, match="sequence indices"):
         mask_batch(blocks(2, 8), [0], seed=0, epoch=0, **ARGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# word boundaries
+
+
+def test_word_starts_mark_the_first_piece_of_every_word():
+    tokenizer = load_tokenizer(ASSETS / "checkpoints" / "bert-tiny-splade-mlm")
+    encoding = tokenizer.encode("Tokenization of unbelievably long words [MASK] works.")
+    starts = word_starts(tokenizer, torch.tensor(encoding.ids))
+    pieces = [(token, bool(start)) for token, start in zip(encoding.tokens, starts)]
+    continuing = [token for token, start in pieces if not start]
+    assert continuing == ["##ization", "##bel", "##ie", "##va", "##bly"]
+    assert all(token.startswith("##") for token in continuing)
+    assert all(start for token, start in pieces if token.startswith("["))  # specials: own words
+
+
+def test_word_starts_of_a_block_cut_inside_a_word_and_of_a_batch():
+    tokenizer = load_tokenizer(ASSETS / "checkpoints" / "bert-tiny-splade-mlm")
+    ids = [tokenizer.token_to_id(t) for t in ("[CLS]", "##ing", "##s", "play", "##ing", "[SEP]")]
+    batch = torch.tensor([ids, ids])  # (2, 6): the function keeps the shape
+    expected = [True, True, False, True, False, True]  # "##ing" after [CLS] starts a word
+    assert word_starts(tokenizer, batch).tolist() == [expected, expected]
+
+
+def test_make_masker_is_mask_batch_with_the_tokenizer_filled_in():
+    tokenizer = load_tokenizer(ASSETS / "checkpoints" / "bert-tiny-splade-mlm")
+    mask = make_masker(tokenizer, vocab_size=VOCAB_SIZE, mlm_probability=0.2)
+    input_ids = blocks(4, 64)
+    by_masker = mask(input_ids, [5, 6, 7, 8], seed=1, epoch=2)
+    by_hand = mask_batch(input_ids, [5, 6, 7, 8], seed=1, epoch=2, mlm_probability=0.2, **ARGS)
+    assert all(torch.equal(a, b) for a, b in zip(by_masker, by_hand))

@@ -24,8 +24,9 @@ from minibert.masking import IGNORE_INDEX, mask_batch, special_token_ids
 from minibert.plot import main as plot_main
 from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
-from minibert.trainer import (Run, build, evaluate, fit, linear_schedule, parameter_groups,
-                              setup, step_rows, train)
+from minibert.batches import BatchLayout
+from minibert.evaluate import evaluate
+from minibert.trainer import build, fit, linear_schedule, parameter_groups, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -315,13 +316,10 @@ def test_max_seq_length_above_the_model_positions_is_a_one_line_error(make_confi
 def test_each_step_uses_the_same_global_batch_for_any_split_across_ranks(make_config):
     def rows(world, batch, accum):
         """Sorted block indices of each step of epoch 0, gathered over ranks and micro-batches."""
-        config = replace(make_config("x"), batch_size=batch, grad_accum=accum, seed=5)
-        runs = [Run(config, Launch(rank=rank, world_size=world), device=None, precision="fp32",
-                    out_dir=None, model=None, model_folder=None, resume_from=None,
-                    train_blocks=np.zeros((100, 4)), eval_blocks=None, mask=None)
-                for rank in range(world)]
-        return [sorted(np.concatenate([step_rows(run, 0, step).reshape(-1) for run in runs])
-                       .tolist()) for step in range(runs[0].steps_per_epoch)]
+        layouts = [BatchLayout(num_blocks=100, batch_size=batch, grad_accum=accum,
+                               world_size=world, rank=rank, seed=5) for rank in range(world)]
+        return [sorted(np.concatenate([layout.rows(0, step).reshape(-1) for layout in layouts])
+                       .tolist()) for step in range(layouts[0].steps_per_epoch)]
 
     reference = rows(1, 8, 1)
     assert len(reference) == 12  # 100 // 8: the partial last batch is dropped

@@ -5,7 +5,7 @@
 
 It cuts the real WikiText-2 test split into 128-token blocks with minibert.data, masks them with
 minibert.masking exactly as training and evaluation do, and measures bert-tiny's masked-LM
-loss, perplexity and accuracy with the trainer's own `evaluate`.
+loss, perplexity and accuracy with `minibert.evaluate.evaluate`, the trainer's own.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from minibert import load_pretrained, load_tokenizer
 from minibert.data import corpus_stats, load_blocks
 from minibert.masking import IGNORE_INDEX, mask_batch, special_token_ids
-from minibert.trainer import evaluate
+from minibert.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"  mean of the {len(batch_means)} batch means instead: {mean_of_means:.4f} vs {loss:.4f}")
     result = evaluate(model, eval_blocks.numpy(), mask, seed=0, batch_size=32,
                       device=torch.device("cpu"), precision="fp32")
-    print(f"  minibert.trainer.evaluate (batch 32) agrees: "
+    print(f"  minibert.evaluate.evaluate (batch 32) agrees: "
           f"{math.isclose(result['eval_loss'], loss, rel_tol=1e-5)}")
 
 
