@@ -136,7 +136,7 @@ class EvaluateArgs:
     max_blocks: int | None = None  # the first N blocks only (train.py's eval_max_blocks)
     precision: str = TrainConfig.precision  # auto|fp32|fp16|bf16; auto: bf16 where supported
     device: str = TrainConfig.device  # auto|cpu|cuda; auto: cuda when a GPU is visible
-    cache_dir: str = TrainConfig.cache_dir  # where tokenized blocks are cached (shared with train.py)
+    cache_dir: str = TrainConfig.cache_dir  # where tokenized blocks are cached (as train.py)
     json: bool = False  # one JSON object instead of the plain listing
 
     def __post_init__(self) -> None:

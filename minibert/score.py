@@ -91,44 +91,50 @@ def _copies(sentences: list[torch.Tensor], tokenizer: Tokenizer, mask_token_id: 
             yield index, position, copy
 
 
+def _chunk_logprobs(model: BertForMaskedLM, chunk: list[tuple[int, int, torch.Tensor]],
+                    sentences: list[torch.Tensor], pad_token_id: int) -> list[float]:
+    """One forward pass over a chunk of masked copies (padded to the longest): for each copy,
+    log P(original token) at its hidden position."""
+    device = model.word_embeddings.device
+    input_ids = torch.full((len(chunk), max(len(copy) for _, _, copy in chunk)), pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (_, _, copy) in enumerate(chunk):
+        input_ids[row, :len(copy)] = copy
+        attention_mask[row, :len(copy)] = 1
+    rows = torch.arange(len(chunk), device=device)
+    positions = torch.tensor([position for _, position, _ in chunk], device=device)
+    targets = torch.stack([sentences[index][position] for index, position, _ in chunk]).to(device)
+    hidden = model.bert(input_ids.to(device), attention_mask.to(device))  # (chunk, seq, hidden)
+    # The head at the hidden positions only: (chunk, vocab) logits, not (chunk, seq, vocab).
+    logits = model.mlm_head(hidden[rows, positions], model.word_embeddings)  # (chunk, vocab)
+    return logits.float().log_softmax(dim=-1)[rows, targets].tolist()
+
+
 @torch.inference_mode()
-def score_sentences(model: BertForMaskedLM, tokenizer: Tokenizer, texts: list[str] | tuple[str, ...],
-                    *, word_l2r: bool = False,
+def score_sentences(model: BertForMaskedLM, tokenizer: Tokenizer,
+                    texts: list[str] | tuple[str, ...], *, word_l2r: bool = False,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
     """`pseudo_log_likelihood` of many sentences; the same order as `texts`."""
     if batch_size < 1:
         raise MinibertError(f"batch_size must be >= 1, got {batch_size}")
     sentences = [encode(tokenizer, text, model.config.max_position_embeddings) for text in texts]
-    logprobs = [torch.zeros(len(ids) - 2, dtype=torch.float64) for ids in sentences]
+    logprobs = [[0.0] * (len(ids) - 2) for ids in sentences]
     pad_token_id, mask_token_id = tokenizer.token_to_id("[PAD]"), tokenizer.token_to_id("[MASK]")
-    device = model.word_embeddings.device
     was_training = model.training
     model.eval()  # dropout off: a score must not depend on the mode the caller left it in
     try:
         copies = _copies(sentences, tokenizer, mask_token_id, word_l2r)
         while chunk := list(itertools.islice(copies, batch_size)):
-            length = max(len(copy) for _, _, copy in chunk)
-            input_ids = torch.full((len(chunk), length), pad_token_id)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, (_, _, copy) in enumerate(chunk):
-                input_ids[row, :len(copy)] = copy
-                attention_mask[row, :len(copy)] = 1
-            rows = torch.arange(len(chunk))
-            positions = torch.tensor([position for _, position, _ in chunk])
-            targets = torch.stack([sentences[index][position] for index, position, _ in chunk])
-            hidden = model.bert(input_ids.to(device), attention_mask.to(device))  # (chunk, seq, hidden)
-            # The head at the hidden position only: one (chunk, vocab) matrix, not (chunk, seq, vocab).
-            logits = model.mlm_head(hidden[rows, positions.to(device)], model.word_embeddings)
-            chosen = logits.float().log_softmax(dim=-1)[rows, targets.to(device)].cpu()  # (chunk,)
-            for (index, position, _), value in zip(chunk, chosen.tolist()):
+            values = _chunk_logprobs(model, chunk, sentences, pad_token_id)
+            for (index, position, _), value in zip(chunk, values):
                 logprobs[index][position - 1] = value
     finally:
         model.train(was_training)
     results = []
     for text, ids, values in zip(texts, sentences, logprobs):
-        pll = float(values.sum())
         tokens = [{"token": tokenizer.id_to_token(token_id), "token_id": token_id, "logprob": value}
-                  for token_id, value in zip(ids[1:-1].tolist(), values.tolist())]
+                  for token_id, value in zip(ids[1:-1].tolist(), values)]
+        pll = sum(values)
         results.append({"text": text, "pll": pll,
                         "pseudo_perplexity": math.exp(-pll / len(tokens)), "tokens": tokens})
     return results
