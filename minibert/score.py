@@ -15,9 +15,9 @@ sentences, or rescores the n-best list of a speech recognizer or translator. PLL
 longer sentences score lower: compare sentences of similar length, or pseudo-perplexities.
 
 --word-l2r is the variant of Kauf & Ivanova 2023 ("A Better Way to Do Masked Language Model
-Scoring", ACL). A word split into pieces ("ichthyologist" -> "ich", "##thy", "##olo",
-"##gist") is easy to restore piece by piece when the other pieces stay visible, so plain PLL
-inflates the scores of rare, long words. word-l2r also hides the pieces of the same word to
+Scoring", ACL). A word split into pieces ("ichthyologist" -> "ich", "##thy", "##ologist")
+is easy to restore piece by piece when the other pieces stay visible, so plain PLL inflates
+the scores of rare, long words. word-l2r also hides the pieces of the same word to
 the right of the one being scored: each piece is predicted from the context and the pieces of
 its word to its left only. A word's last piece, and a one-piece word, score as in plain PLL.
 
