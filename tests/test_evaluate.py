@@ -32,8 +32,8 @@ def evaluate_json(*args: str, processes: int = 1) -> dict:
     return json.loads(lines[0])
 
 
-def test_reproduces_the_final_evaluation_of_a_training_run(tiny_model, tiny_corpus, cache_dir,
-                                                           tmp_path):
+def test_reproduces_the_final_evaluation_of_a_training_run(monkeypatch, capsys, tiny_model,
+                                                           tiny_corpus, cache_dir, tmp_path):
     # Settings away from every default, so that a setting the command ignores shows up.
     config = TrainConfig(model=str(tiny_model), data=str(tiny_corpus),
                          out_dir=str(tmp_path / "run"), cache_dir=str(cache_dir),
@@ -44,11 +44,14 @@ def test_reproduces_the_final_evaluation_of_a_training_run(tiny_model, tiny_corp
     train(config, environ={})
     final = [r for r in read_metrics(config.out_dir) if r["step"] == 3 and "eval_loss" in r][0]
 
-    result = evaluate_json("--model", str(Path(config.out_dir) / "final"), "--data",
-                           str(tiny_corpus), "--max_seq_length", str(SEQ), "--eval_seed", "5",
-                           "--mlm_probability", "0.25", "--max_blocks", "5", "--batch_size", "3",
-                           "--precision", "fp32", "--device", "cpu",
-                           "--cache_dir", str(cache_dir))
+    capsys.readouterr()  # train.py's own output
+    status, stdout, stderr = run_main(
+        monkeypatch, capsys, "--model", str(Path(config.out_dir) / "final"), "--data",
+        str(tiny_corpus), "--max_seq_length", str(SEQ), "--eval_seed", "5", "--mlm_probability",
+        "0.25", "--max_blocks", "5", "--batch_size", "3", "--precision", "fp32", "--device",
+        "cpu", "--cache_dir", str(cache_dir), "--json")
+    assert status == 0, stderr
+    result = json.loads(stdout)
     print(f"training run's final eval loss {final['eval_loss']!r}, command {result['loss']!r}: "
           f"difference {abs(result['loss'] - final['eval_loss']):.3g}")
     assert list(result) == JSON_KEYS
@@ -139,11 +142,14 @@ def test_bad_input_is_a_one_line_error(monkeypatch, capsys, tiny_model, tiny_cor
     assert message in stderr
 
 
-def test_shared_checkpoint_offline():
-    """The real bert-tiny on the real corpus, in a new process, defaults but for the length."""
-    result = evaluate_json("--model", str(BERT_TINY), "--data",
-                           str(BERT_TINY.parents[1] / "corpus" / "wikipedia-sample"),
-                           "--max_seq_length", "128", "--max_blocks", "8", "--precision", "fp32")
+def test_shared_checkpoint_offline(monkeypatch, capsys):
+    """The real bert-tiny on the real corpus."""
+    status, stdout, stderr = run_main(
+        monkeypatch, capsys, "--model", str(BERT_TINY), "--data",
+        str(BERT_TINY.parents[1] / "corpus" / "wikipedia-sample"), "--max_seq_length", "128",
+        "--max_blocks", "8", "--precision", "fp32", "--json")
+    assert status == 0, stderr
+    result = json.loads(stdout)
     assert result["blocks"] == 8 and result["masked_tokens"] == 8 * 19  # round(0.15 * 126)
     assert 4 < result["loss"] < 12  # a real model: far from uniform (10.33) in either direction
 
