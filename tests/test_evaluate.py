@@ -1,0 +1,180 @@
+"""The evaluation command: the numbers of train.py's own evaluation, exact across processes,
+plain and JSON output, one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minibert.evaluate import EvaluateArgs, format_result, main
+from minibert.train_config import TrainConfig
+from minibert.trainer import train
+# The tiny random BERT and tiny corpus of the training tests (pytest finds imported fixtures).
+from test_train import SEQ, cache_dir, read_metrics, run_cli, tiny_corpus, tiny_model  # noqa: F401
+
+from conftest import BERT_TINY, MINILM
+
+JSON_KEYS = ["loss", "perplexity", "accuracy", "blocks", "masked_tokens", "model", "data", "split"]
+
+
+def evaluate_json(*args: str, processes: int = 1) -> dict:
+    """Run the command (under torchrun when processes > 1) and return its one JSON object."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
+    result = run_cli([*launcher, "-m", "minibert.evaluate", *args, "--json"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout  # rank 0 prints, the others do not
+    return json.loads(lines[0])
+
+
+def test_reproduces_the_final_evaluation_of_a_training_run(monkeypatch, capsys, tiny_model,
+                                                           tiny_corpus, cache_dir, tmp_path):
+    # Settings away from every default, so that a setting the command ignores shows up.
+    config = TrainConfig(model=str(tiny_model), data=str(tiny_corpus),
+                         out_dir=str(tmp_path / "run"), cache_dir=str(cache_dir),
+                         max_seq_length=SEQ, batch_size=2, max_steps=3, lr=1e-2, warmup_steps=1,
+                         precision="fp32", device="cpu", dropout=0.0, log_every=1, eval_every=0,
+                         save_every=0, eval_seed=5, mlm_probability=0.25, eval_max_blocks=5,
+                         eval_batch_size=2)
+    train(config, environ={})
+    final = [r for r in read_metrics(config.out_dir) if r["step"] == 3 and "eval_loss" in r][0]
+
+    capsys.readouterr()  # train.py's own output
+    status, stdout, stderr = run_main(
+        monkeypatch, capsys, "--model", str(Path(config.out_dir) / "final"), "--data",
+        str(tiny_corpus), "--max_seq_length", str(SEQ), "--eval_seed", "5", "--mlm_probability",
+        "0.25", "--max_blocks", "5", "--batch_size", "3", "--precision", "fp32", "--device",
+        "cpu", "--cache_dir", str(cache_dir), "--json")
+    assert status == 0, stderr
+    result = json.loads(stdout)
+    print(f"training run's final eval loss {final['eval_loss']!r}, command {result['loss']!r}: "
+          f"difference {abs(result['loss'] - final['eval_loss']):.3g}")
+    assert list(result) == JSON_KEYS
+    assert result["loss"] == pytest.approx(final["eval_loss"], rel=1e-6, abs=0)
+    assert result["perplexity"] == pytest.approx(final["eval_perplexity"], rel=1e-5)
+    assert result["accuracy"] == final["eval_accuracy"]
+    assert result["blocks"] == 5 and result["split"] == "validation"
+    # The loss differs from the untrained model's: the command read the trained weights.
+    untrained = read_metrics(config.out_dir)[0]
+    assert untrained["step"] == 0 and untrained["eval_loss"] != pytest.approx(result["loss"])
+
+
+def test_two_processes_give_the_numbers_of_one(tiny_model, tiny_corpus, cache_dir):
+    # 7 validation blocks: the two ranks get 4 and 3.
+    args = ("--model", str(tiny_model), "--data", str(tiny_corpus), "--max_seq_length", str(SEQ),
+            "--batch_size", "2", "--precision", "fp32", "--device", "cpu",
+            "--cache_dir", str(cache_dir))
+    one, two = evaluate_json(*args), evaluate_json(*args, processes=2)
+    assert one["blocks"] == two["blocks"] == 7
+    print(f"1 vs 2 processes: loss {one['loss']!r} vs {two['loss']!r}, difference "
+          f"{abs(one['loss'] - two['loss']):.3g}")
+    assert one["masked_tokens"] == two["masked_tokens"] and one["accuracy"] == two["accuracy"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-9, abs=0)
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-8)
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The command in this process, through the same main() (no new interpreter per case)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_status:
+        main(list(args))
+    stdout, stderr = capsys.readouterr()
+    return exit_status.value.code, stdout, stderr
+
+
+def test_plain_output_holds_the_json_numbers(monkeypatch, capsys, tiny_model, tiny_corpus,
+                                             cache_dir):
+    args = ("--model", str(tiny_model), "--data", str(tiny_corpus), "--split", "valid",
+            "--max_seq_length", str(SEQ), "--precision", "fp32", "--device", "cpu",
+            "--cache_dir", str(cache_dir))
+    status, plain, _ = run_main(monkeypatch, capsys, *args)
+    assert status == 0
+    status, as_json, _ = run_main(monkeypatch, capsys, *args, "--json")
+    assert status == 0
+    result = json.loads(as_json)
+    assert plain == format_result(result, SEQ) + "\n"
+    lines = plain.splitlines()
+    assert lines[0] == f"model          {tiny_model}"
+    assert lines[1] == f"data           {tiny_corpus} (validation)"
+    assert lines[2] == f"blocks         7 of {SEQ} tokens"
+    assert lines[3] == f"masked tokens  {result['masked_tokens']}"
+    assert lines[4] == f"loss           {result['loss']:.4f}"
+    assert lines[5] == f"perplexity     {result['perplexity']:.2f}"
+    assert lines[6] == f"accuracy       {result['accuracy']:.4f}"
+
+
+@pytest.fixture(scope="module")
+def empty_corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("empty-corpus")
+    (folder / "valid.txt").write_text("\n   \n\n", encoding="utf-8")
+    return folder
+
+
+BAD_INPUTS = {  # id: (extra arguments, message expected on stderr)
+    "no such split": (["--split", "test"], "no test split"),
+    "unknown split": (["--split", "dev"], "unknown split 'dev'"),
+    "empty corpus": (["--data", "{empty}"], "the corpus is empty"),
+    "too long": (["--max_seq_length", "65"],
+                 "max_seq_length 65 exceeds the model's max_position_embeddings (64)"),
+    "bad model path": (["--model", "/nonexistent/model"], "/nonexistent/model: no such folder"),
+    "no masked-LM head": (["--model", str(MINILM), "--max_seq_length", "32"],
+                          "has no masked-LM head"),
+    "bad precision": (["--precision", "fp8"], "precision must be one of auto|fp32|fp16|bf16"),
+    "bad max_blocks": (["--max_blocks", "0"], "max_blocks must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_one_line_error(monkeypatch, capsys, tiny_model, tiny_corpus, cache_dir,
+                                       empty_corpus, case):
+    extra, message = BAD_INPUTS[case]
+    args = ["--model", str(tiny_model), "--data", str(tiny_corpus), "--max_seq_length", str(SEQ),
+            "--device", "cpu", "--cache_dir", str(cache_dir)]
+    args += [a.format(empty=empty_corpus) for a in extra]  # later flags win
+    status, stdout, stderr = run_main(monkeypatch, capsys, *args)
+    assert status == 1 and stdout == ""
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr
+
+
+def test_shared_checkpoint_offline(monkeypatch, capsys):
+    """The real bert-tiny on the real corpus."""
+    status, stdout, stderr = run_main(
+        monkeypatch, capsys, "--model", str(BERT_TINY), "--data",
+        str(BERT_TINY.parents[1] / "corpus" / "wikipedia-sample"), "--max_seq_length", "128",
+        "--max_blocks", "8", "--precision", "fp32", "--json")
+    assert status == 0, stderr
+    result = json.loads(stdout)
+    assert result["blocks"] == 8 and result["masked_tokens"] == 8 * 19  # round(0.15 * 126)
+    assert 4 < result["loss"] < 12  # a real model: far from uniform (10.33) in either direction
+
+
+def test_defaults_are_train_py_defaults():
+    args, config = EvaluateArgs(model="m", data="d"), TrainConfig()
+    for name in ("max_seq_length", "mlm_probability", "precision", "device", "cache_dir"):
+        assert getattr(args, name) == getattr(config, name), name
+    assert args.eval_seed == config.eval_seed and args.max_blocks == config.eval_max_blocks
+
+
+def test_help():
+    result = subprocess.run([sys.executable, "-m", "minibert.evaluate", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--model", "--data", "--split", "--max_seq_length", "--batch_size",
+                 "--eval_seed", "--max_blocks", "--precision", "--device", "--json"):
+        assert flag in result.stdout
+    assert "torchrun" in result.stdout
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "minibert-evaluate"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed (pip install -e . creates it)")
+    result = subprocess.run([str(script), "--model", "/nonexistent/model", "--data", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == "error: /nonexistent/model: no such folder\n"
