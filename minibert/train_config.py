@@ -189,11 +189,13 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         return None
     if name == "model_config" and from_text:  # a TOML inline table, as in a config file
         try:
-            value = tomllib.loads(f"model_config = {value}")["model_config"]
+            table = tomllib.loads(f"model_config = {value}")["model_config"]
         except tomllib.TOMLDecodeError:
+            table = None
+        if not isinstance(table, dict):
             raise MinibertError(f"{origin}: model_config must be a TOML inline table such as "
-                                f"'{{num_hidden_layers = 4, hidden_size = 256}}', got "
-                                f"{value!r}") from None
+                                f"'{{num_hidden_layers = 4, hidden_size = 256}}', got {value!r}")
+        return table
     if from_text and kind is not str:
         if kind is bool:
             if value.lower() in ("true", "1", "yes"):
