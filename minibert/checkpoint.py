@@ -56,8 +56,9 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(source: str | Path) -> Path:
-    """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache."""
+def resolve(source: str | Path, weights: bool = True) -> Path:
+    """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache
+    (without its weight files when `weights` is False)."""
     folder = Path(source)
     if folder.is_dir():
         return folder
@@ -69,7 +70,7 @@ def resolve(source: str | Path) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(
             str(source), allow_patterns=["config.json", "vocab.txt", "tokenizer_config.json",
-                                         "model.safetensors", "pytorch_model.bin"]))
+                                         *(WEIGHT_FILES if weights else ())]))
     except Exception as error:  # offline, unknown id, no huggingface_hub: all end the same way
         raise MinibertError(
             f"{source}: no such folder, and the hub id could not be fetched "
@@ -179,7 +180,7 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
     config.json and vocab.txt are read: a folder without weights is fine, and a folder with
     vocab.txt alone starts from BertConfig's defaults (bert-base's shape).
     Returns (model in eval mode, the folder read, notices worth telling the user)."""
-    folder = resolve(source)
+    folder = resolve(source, weights=False)
     notices = []
     if (folder / "config.json").is_file():
         config, _ = _read_config(folder)
