@@ -118,6 +118,14 @@ def main() -> None:
     result = evaluate(model, blocks[:32].numpy(), by_word, seed=0, batch_size=32,
                       device=torch.device("cpu"), precision="fp32")
     print(f"eval loss after 20 steps of 8 blocks: {result['eval_loss']:.2f}")
+    # The first plateau of pretraining: guessing every target by how frequent its piece is in
+    # the training blocks (add-one smoothing), whatever the context.
+    counts = torch.bincount(blocks[train_rows][:, 1:-1].reshape(-1), minlength=vocab_size)
+    frequency = (counts.double() + 1) / (counts.sum() + vocab_size)
+    _, labels = by_word(blocks[:32], range(32), seed=0, epoch=0)
+    targets = labels[labels != IGNORE_INDEX]
+    print(f"guessing each target by its piece's frequency, same targets: loss "
+          f"{-frequency[targets].log().mean().item():.2f}")
 
 if __name__ == "__main__":
     main()
