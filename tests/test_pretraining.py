@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,7 +233,7 @@ def test_whole_word_runs_are_equal_on_one_and_two_processes(make_config):
     inputs, labels = step_batch(run.train_blocks, run.layout, run.mask, 0, torch.device("cpu"))
     blocks = torch.from_numpy(run.train_blocks[run.layout.rows(0, 0).reshape(-1)]).long()
     assert_whole_words(blocks, labels.view(len(blocks), -1), tokenizer)
-    eval_blocks = torch.from_numpy(run.eval_blocks[:]).long()
+    eval_blocks = torch.from_numpy(np.array(run.eval_blocks)).long()  # a copy: memory-mapped
     _, eval_labels = run.mask(eval_blocks, range(len(eval_blocks)), seed=0, epoch=0)
     assert_whole_words(eval_blocks, eval_labels, tokenizer)
 
