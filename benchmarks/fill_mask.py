@@ -69,8 +69,8 @@ def load_pair(folder: Path, seed: int):
     """minibert and transformers models with the same weights, and each one's tokenizer."""
     import transformers
 
-    torch.manual_seed(seed)  # the head that read_checkpoint adds to a BertModel checkpoint
-    minibert, _, _ = read_checkpoint(folder)
+    # The seed draws the head that read_checkpoint adds to a BertModel checkpoint.
+    minibert, _, _ = read_checkpoint(folder, seed=seed)
     hf = transformers.BertForMaskedLM(transformers.BertConfig(**config_to_hf(minibert.config)))
     missing, unexpected = hf.load_state_dict(minibert_to_hf(minibert.state_dict()), strict=False)
     # The decoder is tied to the word embeddings (weight) and to cls.predictions.bias.

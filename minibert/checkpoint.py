@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -55,8 +56,9 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(source: str | Path) -> Path:
-    """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache."""
+def resolve(source: str | Path, weights: bool = True) -> Path:
+    """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache
+    (without its weight files when `weights` is False)."""
     folder = Path(source)
     if folder.is_dir():
         return folder
@@ -68,7 +70,7 @@ def resolve(source: str | Path) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(
             str(source), allow_patterns=["config.json", "vocab.txt", "tokenizer_config.json",
-                                         "model.safetensors", "pytorch_model.bin"]))
+                                         *(WEIGHT_FILES if weights else ())]))
     except Exception as error:  # offline, unknown id, no huggingface_hub: all end the same way
         raise MinibertError(
             f"{source}: no such folder, and the hub id could not be fetched "
@@ -113,28 +115,49 @@ def _check_shapes(state: dict[str, torch.Tensor], model: BertForMaskedLM, source
                                 f"implies {tuple(expected[name].shape)}")
 
 
-def read_checkpoint(source: str | Path) -> tuple[BertForMaskedLM, Path, list[str]]:
+def _read_config(folder: Path) -> tuple[BertConfig, dict]:
+    """The folder's BertConfig (from minibert's or HuggingFace's config.json), and the raw JSON."""
+    raw_config = _read_json(folder / "config.json")
+    try:
+        if raw_config.get("model_type") == "minibert":
+            return BertConfig.from_dict(raw_config), raw_config
+        return config_from_hf(raw_config), raw_config
+    except (ValueError, TypeError) as error:
+        raise MinibertError(f"{folder / 'config.json'}: {error}") from None
+
+
+def init_model(config: BertConfig, seed: int) -> BertForMaskedLM:
+    """A BertForMaskedLM with BERT's initialisation (model.init_weights: N(0, 0.02) weights,
+    zero biases, LayerNorm at identity, [PAD] row zero) drawn from `seed` alone. torch's
+    global generator is neither read nor advanced, so whatever ran before, the same seed gives
+    the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertForMaskedLM(config).eval()
+
+
+def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = False,
+                    ) -> tuple[BertForMaskedLM, Path, list[str]]:
     """Load a minibert or HuggingFace checkpoint folder (or hub id) as BertForMaskedLM.
 
+    A BertModel checkpoint (no masked-LM head) gets a head initialised from `seed`, or, with
+    require_head, is refused: an untrained head's guesses mean nothing.
     Returns (model in eval mode, the folder read, notices worth telling the user).
     """
     folder = resolve(source)
-    raw_config = _read_json(folder / "config.json")
+    config, raw_config = _read_config(folder)
     notices: list[str] = []
-    try:
-        if raw_config.get("model_type") == "minibert":
-            config = BertConfig.from_dict(raw_config)
-        else:
-            config = config_from_hf(raw_config)
-    except (ValueError, TypeError) as error:
-        raise MinibertError(f"{folder / 'config.json'}: {error}") from None
     weights = _read_weights(folder)
     if raw_config.get("model_type") == "minibert":
         state = weights
     else:
         state, notices = hf_to_minibert(weights)
-    model = BertForMaskedLM(config)
+    model = init_model(config, seed)
     if not any(k.startswith("mlm_head.") for k in state):
+        if require_head:
+            raise MinibertError(f"{folder}: a BertModel checkpoint, which has no masked-LM "
+                                f"head; fine-tune it first (python train.py --model {folder} "
+                                f"...), which trains a head")
         # A BertModel checkpoint: keep the freshly initialised head so the model still runs.
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head.")})
         notices.append("the checkpoint has no masked-LM head: a freshly initialised one was "
@@ -148,6 +171,34 @@ def read_checkpoint(source: str | Path) -> tuple[BertForMaskedLM, Path, list[str
                                 f"matrix has {config.vocab_size} rows")
     model.load_state_dict(state)
     return model.eval(), folder, notices
+
+
+def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
+                ) -> tuple[BertForMaskedLM, Path, list[str]]:
+    """A model to pretrain from scratch: the shape from the config.json of `source` with
+    `overrides` (BertConfig fields) applied, weights from `init_model(config, seed)`. Only
+    config.json and vocab.txt are read: a folder without weights is fine, and a folder with
+    vocab.txt alone starts from BertConfig's defaults (bert-base's shape).
+    Returns (model in eval mode, the folder read, notices worth telling the user)."""
+    folder = resolve(source, weights=False)
+    notices = []
+    if (folder / "config.json").is_file():
+        config, _ = _read_config(folder)
+    else:
+        config = BertConfig()
+        notices.append(f"{folder} has no config.json: the model is bert-base's shape "
+                       f"(BertConfig's defaults) with model_config applied")
+    try:
+        config = replace(config, **(overrides or {}))
+    except (ValueError, TypeError) as error:
+        raise MinibertError(f"model_config: {error}") from None
+    if not (folder / "vocab.txt").is_file():
+        raise MinibertError(f"{folder}: no vocab.txt (init random reads the vocabulary there)")
+    vocab_size = len(read_vocab(folder / "vocab.txt"))
+    if vocab_size != config.vocab_size:
+        raise MinibertError(f"vocab_size {config.vocab_size} does not match {folder}/vocab.txt "
+                            f"({vocab_size} tokens): the embedding has a row per token")
+    return init_model(config, seed), folder, notices
 
 
 def load_pretrained(path: str | Path) -> BertForMaskedLM:

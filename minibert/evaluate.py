@@ -104,19 +104,6 @@ def metrics(nll: float, count: int, correct: int) -> tuple[float, float, float]:
     return loss, math.exp(min(loss, 700.0)), correct / count
 
 
-def read_masked_lm(source: str | Path) -> tuple[BertForMaskedLM, Path, list[str]]:
-    """read_checkpoint, refusing a checkpoint without a masked-LM head (a BertModel such as
-    MiniLM): read_checkpoint gives it a freshly initialised head and says so in a notice, and
-    a random head's perplexity or scores measure nothing (and differ on every load, so also
-    between the processes of one evaluation)."""
-    model, folder, notices = read_checkpoint(source)
-    if any("no masked-LM head" in notice for notice in notices):
-        raise MinibertError(f"{source}: the checkpoint has no masked-LM head (a BertModel, not "
-                            f"BertForMaskedLM), so there is nothing to measure; fine-tune one "
-                            f"with train.py first")
-    return model, folder, notices
-
-
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -134,6 +121,7 @@ class EvaluateArgs:
     eval_seed: int = TrainConfig.eval_seed  # seeds the fixed masks (train.py's eval_seed)
     mlm_probability: float = TrainConfig.mlm_probability  # fraction of each block's tokens masked
     max_blocks: int | None = None  # the first N blocks only (train.py's eval_max_blocks)
+    whole_word_mask: bool = TrainConfig.whole_word_mask  # mask whole words (train.py's setting)
     precision: str = TrainConfig.precision  # auto|fp32|fp16|bf16; auto: bf16 where supported
     device: str = TrainConfig.device  # auto|cpu|cuda; auto: cuda when a GPU is visible
     cache_dir: str = TrainConfig.cache_dir  # where tokenized blocks are cached (as train.py)
@@ -164,7 +152,9 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     device = distributed.init(launch, "cuda" if use_cuda else "cpu")
     precision = resolve_precision(args.precision, device)
 
-    model, folder, notices = read_masked_lm(args.model)
+    # A checkpoint without a masked-LM head is refused: a random head's perplexity measures
+    # nothing, and would differ between the processes of one evaluation.
+    model, folder, notices = read_checkpoint(args.model, require_head=True)
     for notice in notices:
         if is_main():
             print(f"note: {notice}", file=sys.stderr)
@@ -179,14 +169,16 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
                          show_progress=show_progress and is_main())
     blocks = blocks[:args.max_blocks]  # [:None] keeps them all
     mask = make_masker(tokenizer, vocab_size=model.config.vocab_size,
-                       mlm_probability=args.mlm_probability)
+                       mlm_probability=args.mlm_probability,
+                       whole_word_mask=args.whole_word_mask)
     nll, count, correct = masked_lm_sums(model.to(device), blocks, mask, seed=args.eval_seed,
                                          batch_size=args.batch_size, device=device,
                                          precision=precision,
                                          show_progress=show_progress and is_main())
     loss, perplexity, accuracy = metrics(nll, count, correct)
     return {"loss": loss, "perplexity": perplexity, "accuracy": accuracy, "blocks": len(blocks),
-            "masked_tokens": count, "model": args.model, "data": args.data, "split": args.split}
+            "masked_tokens": count, "model": args.model, "data": args.data, "split": args.split,
+            "masking": "whole-word" if args.whole_word_mask else "token"}
 
 
 def format_result(result: dict, max_seq_length: int) -> str:
@@ -196,7 +188,7 @@ def format_result(result: dict, max_seq_length: int) -> str:
         f"model          {result['model']}",
         f"data           {result['data']} ({result['split']})",
         f"blocks         {result['blocks']} of {max_seq_length} tokens",
-        f"masked tokens  {result['masked_tokens']}",
+        f"masked tokens  {result['masked_tokens']} ({result['masking']} masking)",
         f"loss           {result['loss']:.4f}",
         f"perplexity     {result['perplexity']:.2f}",
         f"accuracy       {result['accuracy']:.4f}"])
@@ -226,9 +218,12 @@ def parse_args(argv: list[str] | None = None) -> EvaluateArgs:
             ("cache_dir", str, "where tokenized blocks are cached (shared with train.py)")):
         parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name),
                             help=f"{text} (default {getattr(defaults, name)})")
+    parser.add_argument("--whole_word_mask", action="store_true",
+                        help="mask whole words, as a run trained with whole_word_mask = true "
+                             "evaluates")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: loss, perplexity, accuracy, blocks, "
-                             "masked_tokens, model, data, split")
+                             "masked_tokens, model, data, split, masking")
     return EvaluateArgs(**vars(parser.parse_args(argv)))
 
 

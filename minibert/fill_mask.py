@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> FillMaskArgs:
 
 
 def run(args: FillMaskArgs) -> None:
-    model, folder, notices = read_checkpoint(args.model)
+    model, folder, notices = read_checkpoint(args.model, require_head=True)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     results = fill_masks(model, load_tokenizer(folder), args.texts, args.top_k, args.order)

@@ -17,6 +17,11 @@ Decisions:
   [SEP]): it stands for a real word of the text. So `special_token_ids(tokenizer)` returns
   [PAD], [CLS], [SEP] and [MASK]; add [UNK]'s id yourself if it must never be a target.
   Random replacements are drawn uniformly from every id below vocab_size that is not special.
+- Whole-word masking (`word_starts=...`, make_masker(..., whole_word_mask=True)), the
+  masking of Google's later *-whole-word-masking checkpoints: a word split into pieces
+  ("phil ##am ##mon") is a target as a whole or not at all, so the model cannot guess
+  "##am" from "phil" and "##mon" alone. Whole words are drawn until the row's budget of
+  round(p * n) pieces is met; 80/10/10 is then applied to each piece on its own.
 - Masks do not depend on how the data is split across processes: `mask_batch` gives each row
   its own generator, seeded from (seed, epoch, index of the sequence in the dataset) only, so
   1 process and 8 processes mask a given sequence identically, and evaluation (always the
@@ -78,43 +83,56 @@ def _piece_tables(tokenizer) -> tuple[Tensor, Tensor]:
     return is_continuation, is_special
 
 
-def make_masker(tokenizer, *, vocab_size: int, mlm_probability: float = 0.15) -> Callable:
+def make_masker(tokenizer, *, vocab_size: int, mlm_probability: float = 0.15,
+                whole_word_mask: bool = False) -> Callable:
     """`mask_batch` with a tokenizer's special ids filled in: what the trainer and the
-    evaluation call as mask(input_ids, sequence_indices, seed=..., epoch=...)."""
-    return functools.partial(mask_batch, mask_token_id=tokenizer.token_to_id("[MASK]"),
+    evaluation call as mask(input_ids, sequence_indices, seed=..., epoch=...). With
+    whole_word_mask, each call also passes the batch's `word_starts`."""
+    mask = functools.partial(mask_batch, mask_token_id=tokenizer.token_to_id("[MASK]"),
                              special_token_ids=special_token_ids(tokenizer),
                              vocab_size=vocab_size, mlm_probability=mlm_probability)
+    if not whole_word_mask:
+        return mask
+
+    def mask_whole_words(input_ids: Tensor, sequence_indices: Iterable[int], **kwargs):
+        return mask(input_ids, sequence_indices, word_starts=word_starts(tokenizer, input_ids),
+                    **kwargs)
+    return mask_whole_words
 
 
 def mask_tokens(input_ids: Tensor, *, mask_token_id: int, special_token_ids: Iterable[int],
                 vocab_size: int, mlm_probability: float = 0.15, mask_ratio: float = 0.8,
-                random_ratio: float = 0.1,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                random_ratio: float = 0.1, generator: torch.Generator | None = None,
+                word_starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mask a (batch, seq) or (seq,) tensor of token ids; returns new (inputs, labels) tensors
     of the same shape (int64). `input_ids` is not modified. All randomness comes from
-    `generator` (torch's global generator when None)."""
+    `generator` (torch's global generator when None). With `word_starts` (a bool tensor of
+    the same shape, minibert.masking.word_starts), targets are whole words."""
     special, replacements = _check(input_ids, mask_token_id, special_token_ids, vocab_size,
-                                   mlm_probability, mask_ratio, random_ratio)
+                                   mlm_probability, mask_ratio, random_ratio, word_starts)
     rows = input_ids.long().reshape(-1, input_ids.shape[-1])  # (batch, seq)
+    starts = None if word_starts is None else word_starts.reshape(rows.shape)
     draws = _draw(rows.shape, len(replacements), generator)
     inputs, labels = _apply(rows, *draws, special=special, replacements=replacements,
                             mask_token_id=mask_token_id, mlm_probability=mlm_probability,
-                            mask_ratio=mask_ratio, random_ratio=random_ratio)
+                            mask_ratio=mask_ratio, random_ratio=random_ratio, word_starts=starts)
     return inputs.reshape(input_ids.shape), labels.reshape(input_ids.shape)
 
 
 def mask_batch(input_ids: Tensor, sequence_indices: Iterable[int], *, seed: int, epoch: int,
                mask_token_id: int, special_token_ids: Iterable[int], vocab_size: int,
                mlm_probability: float = 0.15, mask_ratio: float = 0.8,
-               random_ratio: float = 0.1) -> tuple[Tensor, Tensor]:
+               random_ratio: float = 0.1,
+               word_starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mask a (batch, seq) batch whose row i is sequence `sequence_indices[i]` of the dataset.
 
     Row i is masked exactly as `mask_tokens(input_ids[i], generator=row_generator(seed, epoch,
     sequence_indices[i]))` would mask it: the result depends on (seed, epoch, index) and the
     row's tokens only, never on the other rows of the batch or on the number of processes.
+    `word_starts` ((batch, seq) bool, from the row's tokens) asks for whole-word targets.
     """
     special, replacements = _check(input_ids, mask_token_id, special_token_ids, vocab_size,
-                                   mlm_probability, mask_ratio, random_ratio)
+                                   mlm_probability, mask_ratio, random_ratio, word_starts)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     indices = [int(i) for i in sequence_indices]
@@ -126,7 +144,7 @@ def mask_batch(input_ids: Tensor, sequence_indices: Iterable[int], *, seed: int,
     return _apply(input_ids.long(), scores, action, replacement, special=special,
                   replacements=replacements, mask_token_id=mask_token_id,
                   mlm_probability=mlm_probability, mask_ratio=mask_ratio,
-                  random_ratio=random_ratio)
+                  random_ratio=random_ratio, word_starts=word_starts)
 
 
 def row_generator(seed: int, epoch: int, sequence_index: int) -> torch.Generator:
@@ -140,13 +158,18 @@ def row_generator(seed: int, epoch: int, sequence_index: int) -> torch.Generator
 
 
 def _check(input_ids, mask_token_id, special_token_ids, vocab_size, mlm_probability,
-           mask_ratio, random_ratio) -> tuple[Tensor, Tensor]:
+           mask_ratio, random_ratio, word_starts=None) -> tuple[Tensor, Tensor]:
     """Validate the arguments; return the special ids and the ids a random replacement may
     take, both as int64 tensors."""
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if input_ids.dim() not in (1, 2):
         raise ValueError(f"input_ids must be (batch, seq) or (seq,), got {tuple(input_ids.shape)}")
+    if word_starts is not None and (word_starts.dtype != torch.bool
+                                    or word_starts.shape != input_ids.shape):
+        raise ValueError(f"word_starts must be a bool tensor of input_ids' shape "
+                         f"{tuple(input_ids.shape)}, got {word_starts.dtype} "
+                         f"{tuple(word_starts.shape)}")
     if not 0.0 < mlm_probability <= 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1], got {mlm_probability}")
     if mask_ratio < 0 or random_ratio < 0 or mask_ratio + random_ratio > 1.0:
@@ -176,7 +199,8 @@ def _draw(shape, num_replacements: int, generator: torch.Generator | None):
 
 def _apply(input_ids: Tensor, scores: Tensor, action: Tensor, replacement: Tensor, *,
            special: Tensor, replacements: Tensor, mask_token_id: int, mlm_probability: float,
-           mask_ratio: float, random_ratio: float) -> tuple[Tensor, Tensor]:
+           mask_ratio: float, random_ratio: float,
+           word_starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Turn the draws of `_draw` into (inputs, labels) for a (batch, seq) batch."""
     device = input_ids.device
     scores, action = scores.to(device), action.to(device)
@@ -188,8 +212,11 @@ def _apply(input_ids: Tensor, scores: Tensor, action: Tensor, replacement: Tenso
     num_targets = torch.round(num_maskable * mlm_probability).long().clamp(min=1)
     num_targets = torch.minimum(num_targets, num_maskable)  # 0 only for an all-special row
     scores = scores.masked_fill(is_special, 2.0)  # above every uniform draw: never chosen
-    rank = scores.argsort(dim=1, stable=True).argsort(dim=1)  # each score's rank in its row
-    chosen = rank < num_targets[:, None]  # (batch, seq)
+    if word_starts is None:
+        rank = scores.argsort(dim=1, stable=True).argsort(dim=1)  # each score's rank in its row
+        chosen = rank < num_targets[:, None]  # (batch, seq)
+    else:
+        chosen = _whole_word_targets(scores, is_special, word_starts.to(device), num_targets)
     labels = torch.where(chosen, input_ids, IGNORE_INDEX)
 
     # Why 80/10/10 (section 3.1, appendix C.2): [MASK] never appears when the model is
@@ -202,3 +229,40 @@ def _apply(input_ids: Tensor, scores: Tensor, action: Tensor, replacement: Tenso
     inputs = input_ids.masked_fill(to_mask, mask_token_id)
     inputs = torch.where(to_random, replacement, inputs)
     return inputs, labels
+
+
+def _whole_word_targets(scores: Tensor, is_special: Tensor, word_starts: Tensor,
+                        num_targets: Tensor) -> Tensor:
+    """Whole-word targets of a (batch, seq) batch: every piece of a word, or none of it.
+
+    Words are visited in the order of the score drawn at their first piece. A word is taken
+    while it fits the row's budget num_targets (= round(p * maskable pieces)); one that would
+    overshoot it is skipped, so a shorter word further on can fill the budget exactly, as
+    Google's create_pretraining_data.py does. If no word fits (a budget of 1, and every word
+    two pieces or more) the first word is taken anyway: every row keeps a target.
+    """
+    starts = word_starts.clone()
+    starts[:, 0] = True  # a row always starts a word
+    word = starts.long().cumsum(dim=1) - 1  # (batch, seq) index of each piece's word in its row
+    # Words are numbered 0..num_words-1 < seq, so (batch, seq) tables hold one entry per word.
+    # Special tokens are words of their own (word_starts) and count 0 maskable pieces.
+    lengths = torch.zeros_like(word).scatter_add_(1, word, (~is_special).long())
+    first_scores = torch.where(starts, scores, torch.inf)
+    word_scores = torch.full_like(scores, torch.inf).scatter_reduce_(1, word, first_scores,
+                                                                     "amin")
+    order = word_scores.argsort(dim=1, stable=True)  # (batch, seq) words, lowest score first
+    sorted_lengths = lengths.gather(1, order).tolist()
+    taken = np.zeros(tuple(word.shape), dtype=bool)  # taken[row, i]: the i-th word in order
+    for row, (row_lengths, budget) in enumerate(zip(sorted_lengths, num_targets.tolist())):
+        total = 0
+        for i, length in enumerate(row_lengths):
+            if total == budget:
+                break
+            if 0 < length <= budget - total:
+                taken[row, i] = True
+                total += length
+        if total == 0 and budget > 0:  # nothing fitted: the first maskable word in order
+            taken[row, next(i for i, length in enumerate(row_lengths) if length > 0)] = True
+    taken_words = torch.zeros_like(starts).scatter_(1, order, torch.from_numpy(taken).to(
+        starts.device))  # (batch, seq) by word index
+    return taken_words.gather(1, word) & ~is_special

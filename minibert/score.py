@@ -40,8 +40,8 @@ from typing import Iterator
 import torch
 from tokenizers import Tokenizer
 
+from .checkpoint import read_checkpoint
 from .errors import MinibertError, run_main
-from .evaluate import read_masked_lm
 from .masking import word_starts
 from .model import BertForMaskedLM
 from .tokenizer import load_tokenizer
@@ -220,7 +220,7 @@ def run(args: ScoreArgs) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise MinibertError("device cuda: no CUDA device is visible")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    model, folder, notices = read_masked_lm(args.model)
+    model, folder, notices = read_checkpoint(args.model, require_head=True)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     model.to("cuda" if use_cuda else "cpu")

@@ -26,14 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MinibertError
+from .model import BertConfig
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+INITS = ("pretrained", "random")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class TrainConfig:
-    """Masked-LM fine-tuning of a BERT checkpoint on a text corpus."""
+    """Masked-LM training of BERT on a text corpus: fine-tuning a checkpoint (init
+    "pretrained") or pretraining from scratch (init "random")."""
 
     # what to train, on what, where to write
     model: str = "bert-base-uncased"  # checkpoint folder (minibert or HuggingFace) or hub id
@@ -42,6 +45,8 @@ class TrainConfig:
     cache_dir: str = "~/.cache/minibert"  # where tokenized blocks are cached, keyed by content
     join_wikitext_artifacts: bool = True  # turn WikiText's " @-@ " back into "-" (and @,@ @.@)
     max_seq_length: int = 512  # tokens per training block, [CLS] and [SEP] included
+    init: str = "pretrained"  # pretrained|random; random: BERT's init from seed, no weights read
+    model_config: dict | None = None  # BertConfig fields over model's config.json (init random)
 
     # batch and length of training
     batch_size: int = 8  # sequences per micro-batch on each process
@@ -65,7 +70,8 @@ class TrainConfig:
     dropout: float | None = None  # override hidden and attention dropout (None: the model's)
     compile: bool = False  # torch.compile the training model: faster GPU steps after compiling
     mlm_probability: float = 0.15  # fraction of each block's tokens that are prediction targets
-    seed: int = 0  # seeds the data order, the training masks and the initial dropout RNG
+    whole_word_mask: bool = False  # mask whole words, never part of one (training and evaluation)
+    seed: int = 0  # seeds data order, training masks, dropout and new weights (init, MLM head)
     eval_seed: int = 0  # seeds the fixed evaluation masks (same value: comparable runs)
 
     # logging, evaluation, checkpoints
@@ -104,6 +110,12 @@ class TrainConfig:
         _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
         for name in ("model", "data", "out_dir", "cache_dir"):
             _check(getattr(self, name) != "", name, "must not be empty")
+        _check(self.init in INITS, "init", f"must be one of {'|'.join(INITS)}")
+        if self.model_config is not None:
+            # A checkpoint's weights fix its shape: reshaping needs weights drawn afresh.
+            _check(self.init == "random", "model_config", 'reshapes the model, so it needs '
+                   'init = "random" (to change a pretrained model\'s dropout, set dropout)')
+            _check_model_config(self.model_config)
 
     def global_batch_size(self, world_size: int) -> int:
         """Sequences per optimizer step, over all micro-batches and processes."""
@@ -113,6 +125,25 @@ class TrainConfig:
 def _check(ok: bool, name: str, requirement: str) -> None:
     if not ok:
         raise MinibertError(f"config: {name} {requirement}")
+
+
+def _check_model_config(overrides: dict) -> None:
+    """Every key of [model_config] is a BertConfig field and every value has its type. (Ranges
+    and combinations, such as hidden_size divisible by the heads, are checked when the model's
+    config.json and these overrides are combined: BertConfig.__post_init__.)"""
+    hints = typing.get_type_hints(BertConfig)
+    for key, value in overrides.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            if key in {f.name for f in fields(TrainConfig)}:
+                hint = f" ({key} is a training setting: put it above the [model_config] table)"
+            raise MinibertError(f"config: model_config: unknown BertConfig field {key}{hint}")
+        kind = hints[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        _check(ok, f"model_config: {key}", f"must be {kind.__name__}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +187,15 @@ def _convert(name: str, value: Any, origin: str) -> Any:
             return None
     if optional and (value is None or (from_text and value.lower() in ("none", "null"))):
         return None
+    if name == "model_config" and from_text:  # a TOML inline table, as in a config file
+        try:
+            table = tomllib.loads(f"model_config = {value}")["model_config"]
+        except tomllib.TOMLDecodeError:
+            table = None
+        if not isinstance(table, dict):
+            raise MinibertError(f"{origin}: model_config must be a TOML inline table such as "
+                                f"'{{num_hidden_layers = 4, hidden_size = 256}}', got {value!r}")
+        return table
     if from_text and kind is not str:
         if kind is bool:
             if value.lower() in ("true", "1", "yes"):

@@ -26,6 +26,7 @@ into the sum. The gradient is then the single-process large-batch gradient, up t
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import signal
 import threading
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .batches import BatchLayout, step_batch
-from .checkpoint import read_checkpoint, save_pretrained
+from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import load_blocks
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError
@@ -117,8 +118,12 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
                             f"continue it, --overwrite to start afresh, or another --out_dir")
 
     # Resuming reads the weights from the checkpoint, whose folder also holds vocab.txt.
-    model, model_folder, notices = read_checkpoint(resume_from / "model" if resume_from
-                                                   else config.model)
+    if resume_from is None and config.init == "random":
+        model, model_folder, notices = random_init(config.model, seed=config.seed,
+                                                   overrides=config.model_config)
+    else:
+        model, model_folder, notices = read_checkpoint(resume_from / "model" if resume_from
+                                                       else config.model, seed=config.seed)
     for notice in notices:
         print0(f"note: {notice}")
     if config.max_seq_length > model.config.max_position_embeddings:
@@ -135,7 +140,8 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     train_blocks, eval_blocks = read(split="train"), read(split="validation")
     eval_blocks = eval_blocks[:config.eval_max_blocks]  # [:None] keeps them all
     mask = make_masker(tokenizer, vocab_size=model.config.vocab_size,
-                       mlm_probability=config.mlm_probability)
+                       mlm_probability=config.mlm_probability,
+                       whole_word_mask=config.whole_word_mask)
     run = Run(config, launch, device, precision, out_dir, model, model_folder, resume_from,
               train_blocks, eval_blocks, mask)
     if run.steps_per_epoch == 0:
@@ -362,6 +368,7 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
         result = evaluate(model, run.eval_blocks, run.mask, seed=config.eval_seed,
                           batch_size=config.eval_batch_size or config.batch_size,
                           device=device, precision=run.precision)
+        result["eval_masking"] = "whole-word" if config.whole_word_mask else "token"
         record.update(result)
         summary["evals"][record["step"]] = result
         print0(f"step {record['step']}: eval loss {result['eval_loss']:.4f}, perplexity "
@@ -376,6 +383,12 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
         record = {"step": 0}
         run_eval(record)
         metrics.write(record, plot=True)
+        if config.init == "random":
+            # A fresh model spreads its guesses evenly over the vocabulary: its loss should sit
+            # near ln(V). Far above it, the initialisation is off (std too large).
+            print0(f"step 0 of a randomly initialised model: eval loss {record['eval_loss']:.4f}"
+                   f", ln(vocab size {model.config.vocab_size}) = "
+                   f"{math.log(model.config.vocab_size):.4f}")
 
     # Sums since the last log line: summed NLL of this rank, masked tokens of all ranks.
     window_nll = torch.zeros((), dtype=torch.float64, device=device)

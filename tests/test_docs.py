@@ -33,10 +33,11 @@ EXAMPLES = {
     "masking.py": ("02-masked-language-modelling.md", ["--cache-dir", "{tmp}/cache"]),
     "weight_names.py": ("03-weights.md", []),
     "training_step.py": ("04-training-on-several-gpus.md", ["--cache-dir", "{tmp}/cache"]),
+    "pretraining.py": ("02-masked-language-modelling.md", ["--cache-dir", "{tmp}/cache"]),
     "measuring.py": ("05-measuring-a-model.md", ["--cache-dir", "{tmp}/cache"]),
 }
 # Pictures the lead engineer copies in from a training run rather than a docs example.
-COPIED_IMAGES = {"images/quickstart_loss.png"}
+COPIED_IMAGES = {"images/quickstart_loss.png", "images/pretrain_loss.png"}
 
 CODE_LINK = re.compile(r"\[`([^`]+)`\]\(([^)\s]+)\)")
 ANY_LINK = re.compile(r"\]\(([^)\s]+)\)")

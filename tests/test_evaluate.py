@@ -18,7 +18,8 @@ from test_train import SEQ, cache_dir, read_metrics, run_cli, tiny_corpus, tiny_
 
 from conftest import BERT_TINY, MINILM
 
-JSON_KEYS = ["loss", "perplexity", "accuracy", "blocks", "masked_tokens", "model", "data", "split"]
+JSON_KEYS = ["loss", "perplexity", "accuracy", "blocks", "masked_tokens", "model", "data", "split",
+             "masking"]
 
 
 def evaluate_json(*args: str, processes: int = 1) -> dict:
@@ -32,15 +33,17 @@ def evaluate_json(*args: str, processes: int = 1) -> dict:
     return json.loads(lines[0])
 
 
+@pytest.mark.parametrize("whole_word_mask", [False, True], ids=["token", "whole-word"])
 def test_reproduces_the_final_evaluation_of_a_training_run(monkeypatch, capsys, tiny_model,
-                                                           tiny_corpus, cache_dir, tmp_path):
+                                                           tiny_corpus, cache_dir, tmp_path,
+                                                           whole_word_mask):
     # Settings away from every default, so that a setting the command ignores shows up.
     config = TrainConfig(model=str(tiny_model), data=str(tiny_corpus),
                          out_dir=str(tmp_path / "run"), cache_dir=str(cache_dir),
                          max_seq_length=SEQ, batch_size=2, max_steps=3, lr=1e-2, warmup_steps=1,
                          precision="fp32", device="cpu", dropout=0.0, log_every=1, eval_every=0,
                          save_every=0, eval_seed=5, mlm_probability=0.25, eval_max_blocks=5,
-                         eval_batch_size=2)
+                         eval_batch_size=2, whole_word_mask=whole_word_mask)
     train(config, environ={})
     final = [r for r in read_metrics(config.out_dir) if r["step"] == 3 and "eval_loss" in r][0]
 
@@ -49,7 +52,8 @@ def test_reproduces_the_final_evaluation_of_a_training_run(monkeypatch, capsys, 
         monkeypatch, capsys, "--model", str(Path(config.out_dir) / "final"), "--data",
         str(tiny_corpus), "--max_seq_length", str(SEQ), "--eval_seed", "5", "--mlm_probability",
         "0.25", "--max_blocks", "5", "--batch_size", "3", "--precision", "fp32", "--device",
-        "cpu", "--cache_dir", str(cache_dir), "--json")
+        "cpu", "--cache_dir", str(cache_dir), "--json",
+        *(["--whole_word_mask"] if whole_word_mask else []))
     assert status == 0, stderr
     result = json.loads(stdout)
     print(f"training run's final eval loss {final['eval_loss']!r}, command {result['loss']!r}: "
@@ -59,6 +63,7 @@ def test_reproduces_the_final_evaluation_of_a_training_run(monkeypatch, capsys, 
     assert result["perplexity"] == pytest.approx(final["eval_perplexity"], rel=1e-5)
     assert result["accuracy"] == final["eval_accuracy"]
     assert result["blocks"] == 5 and result["split"] == "validation"
+    assert result["masking"] == final["eval_masking"]
     # The loss differs from the untrained model's: the command read the trained weights.
     untrained = read_metrics(config.out_dir)[0]
     assert untrained["step"] == 0 and untrained["eval_loss"] != pytest.approx(result["loss"])
@@ -102,7 +107,7 @@ def test_plain_output_holds_the_json_numbers(monkeypatch, capsys, tiny_model, ti
     assert lines[0] == f"model          {tiny_model}"
     assert lines[1] == f"data           {tiny_corpus} (validation)"
     assert lines[2] == f"blocks         7 of {SEQ} tokens"
-    assert lines[3] == f"masked tokens  {result['masked_tokens']}"
+    assert lines[3] == f"masked tokens  {result['masked_tokens']} (token masking)"
     assert lines[4] == f"loss           {result['loss']:.4f}"
     assert lines[5] == f"perplexity     {result['perplexity']:.2f}"
     assert lines[6] == f"accuracy       {result['accuracy']:.4f}"

@@ -183,3 +183,108 @@ def test_make_masker_is_mask_batch_with_the_tokenizer_filled_in():
     by_masker = mask(input_ids, [5, 6, 7, 8], seed=1, epoch=2)
     by_hand = mask_batch(input_ids, [5, 6, 7, 8], seed=1, epoch=2, mlm_probability=0.2, **ARGS)
     assert all(torch.equal(a, b) for a, b in zip(by_masker, by_hand))
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-word masking
+
+
+@pytest.fixture(scope="module")
+def real_blocks():
+    """(rows, 128) blocks [CLS] ... [SEP] of the real Wikipedia validation text
+    (~72k maskable) and the tokenizer: real words, many split into several pieces."""
+    tokenizer = load_tokenizer(ASSETS / "checkpoints" / "bert-tiny-splade-mlm")
+    text = (ASSETS / "corpus" / "wikipedia-sample" / "valid.txt").read_text(encoding="utf-8")
+    ids = [i for encoding in tokenizer.encode_batch(text.splitlines(), add_special_tokens=False)
+           for i in encoding.ids]
+    rows = torch.tensor(ids[:len(ids) // 126 * 126]).view(-1, 126)
+    cls, sep = torch.full((len(rows), 1), CLS), torch.full((len(rows), 1), SEP)
+    return torch.cat([cls, rows, sep], dim=1), tokenizer
+
+
+def word_index(starts: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) index of each piece's word within its row."""
+    return starts.long().cumsum(dim=1) - 1
+
+
+def test_whole_word_masks_of_real_text_never_split_a_word(real_blocks):
+    input_ids, tokenizer = real_blocks
+    starts = word_starts(tokenizer, input_ids)
+    inputs, labels = mask_batch(input_ids, range(len(input_ids)), seed=0, epoch=0,
+                                word_starts=starts, **ARGS)
+    chosen = labels != IGNORE_INDEX
+    words = word_index(starts)
+    multi_piece_words_chosen = 0
+    for row in range(len(input_ids)):
+        # Per word: how many pieces, how many chosen. A word is all chosen or not at all.
+        pieces = torch.bincount(words[row])
+        chosen_pieces = torch.bincount(words[row], weights=chosen[row].double()).long()
+        assert ((chosen_pieces == 0) | (chosen_pieces == pieces)).all(), row
+        multi_piece_words_chosen += int(((chosen_pieces == pieces) & (pieces > 1)).sum())
+    assert multi_piece_words_chosen > 500  # the check above was not vacuous
+
+    # Rate 15% +- 1% of the maskable pieces; 80/10/10 within 1.5%; specials never targets.
+    is_special = torch.isin(input_ids, torch.tensor(SPECIAL))
+    assert not chosen[is_special].any()
+    maskable = (~is_special).sum().item()
+    assert maskable > 70_000
+    assert abs(chosen.sum().item() / maskable - 0.15) < 0.01
+    num_chosen = chosen.sum().item()
+    masked = (inputs[chosen] == MASK).sum().item() / num_chosen
+    kept = (inputs[chosen] == input_ids[chosen]).sum().item() / num_chosen
+    replaced = 1 - masked - kept
+    assert abs(masked - 0.8) < 0.015 and abs(replaced - 0.1) < 0.015 and abs(kept - 0.1) < 0.015
+    assert torch.equal(labels[chosen], input_ids[chosen])
+    assert torch.equal(inputs[~chosen], input_ids[~chosen])
+
+
+def test_whole_word_budget_skips_a_word_that_would_overshoot(real_blocks):
+    input_ids, tokenizer = real_blocks
+    starts = word_starts(tokenizer, input_ids)
+    _, labels = mask_batch(input_ids, range(len(input_ids)), seed=1, epoch=0,
+                           word_starts=starts, **ARGS)
+    budget = torch.round((input_ids.shape[1] - 2) * torch.tensor(0.15)).long()
+    counts = (labels != IGNORE_INDEX).sum(dim=1)
+    # A long word is skipped for a shorter one, so real text meets the budget exactly (a
+    # greedy pick that stopped at the first overshoot would fall short in most rows).
+    assert (counts == budget).all(), counts.tolist()
+
+    # Budget 1 (4 maskable pieces): "playing##s" never fits, "the" always does.
+    ids = torch.tensor([[CLS] + [tokenizer.token_to_id(t) for t in ("play", "##ing", "##s",
+                                                                     "the")] + [SEP]])
+    starts = word_starts(tokenizer, ids)
+    for seed in range(50):
+        _, labels = mask_tokens(ids, generator=torch.Generator().manual_seed(seed),
+                                word_starts=starts, **ARGS)
+        assert labels[0].tolist() == [IGNORE_INDEX] * 4 + [ids[0, 4].item(), IGNORE_INDEX]
+    # Budget 1, and the only word has 3 pieces: it is taken whole (every row keeps a target).
+    ids = ids[:, [0, 1, 2, 3, 5]]
+    _, labels = mask_tokens(ids, word_starts=word_starts(tokenizer, ids), **ARGS)
+    assert labels[0, 1:4].tolist() == ids[0, 1:4].tolist()
+
+
+def test_whole_word_masks_depend_on_seed_epoch_and_index_only(real_blocks):
+    input_ids, tokenizer = real_blocks
+    input_ids = input_ids[:12]
+    indices = torch.arange(100, 112)
+    mask = make_masker(tokenizer, vocab_size=VOCAB_SIZE, whole_word_mask=True)
+    one_process = mask(input_ids, indices, seed=5, epoch=3)
+    by_hand = mask_batch(input_ids, indices, seed=5, epoch=3,
+                         word_starts=word_starts(tokenizer, input_ids), **ARGS)
+    assert all(torch.equal(a, b) for a, b in zip(one_process, by_hand))
+    for rank in (0, 1):  # two processes, rows interleaved
+        inputs, labels = mask(input_ids[rank::2], indices[rank::2], seed=5, epoch=3)
+        assert torch.equal(inputs, one_process[0][rank::2])
+        assert torch.equal(labels, one_process[1][rank::2])
+    row = mask_tokens(input_ids[7], generator=row_generator(5, 3, 107),
+                      word_starts=word_starts(tokenizer, input_ids[7]), **ARGS)
+    assert torch.equal(row[0], one_process[0][7]) and torch.equal(row[1], one_process[1][7])
+    assert not torch.equal(mask(input_ids, indices, seed=5, epoch=4)[1], one_process[1])
+    # Without whole_word_mask the masker is token-level masking, unchanged.
+    token_level = make_masker(tokenizer, vocab_size=VOCAB_SIZE)(input_ids, indices, seed=5,
+                                                                 epoch=3)
+    assert all(torch.equal(a, b) for a, b in zip(
+        token_level, mask_batch(input_ids, indices, seed=5, epoch=3, **ARGS)))
+    with pytest.raises(ValueError, match="word_starts"):
+        mask_batch(input_ids, indices, seed=5, epoch=3, word_starts=torch.ones(3, 3).bool(),
+                   **ARGS)
