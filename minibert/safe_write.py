@@ -11,8 +11,8 @@ How. The new content is written under a hidden temporary name beside the target,
 and folder of it is fsynced before the rename makes it visible, and the parent folder after,
 so that after a power cut the name points at complete data, never at empty files. The
 temporary is created with the default modes (0o777 for folders, 0o666 for files), which the
-kernel masks with the user's umask, as any other file the user creates (tempfile's private
-0o700/0o600 would hide a model from a serving container).
+kernel masks with the user's umask, and set to those modes again before the rename (tempfile's
+or safetensors' private 0o700/0o600 would hide a model from a serving container).
 
 Replacing a folder. A file is replaced in one step by rename(2). A folder cannot be: rename
 refuses a non-empty target. On Linux, renameat2(RENAME_EXCHANGE) swaps the two names in one
@@ -172,6 +172,7 @@ def atomic_file(dst: str | Path) -> Iterator[Path]:
     tmp = _aside(dst, "tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync_path(tmp)
         os.replace(tmp, dst)
         _fsync_path(dst.parent)
@@ -206,11 +207,27 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every folder (deepest first), so that all of it is on disk."""
+    """Give every file and folder the modes the umask implies (some writers, such as
+    safetensors, create private 0o600 files), then fsync every file and every folder, deepest
+    first, so that all of it is on disk."""
+    umask = _umask()
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
+            os.chmod(Path(folder, name), 0o666 & ~umask)
             _fsync_path(Path(folder, name))
+        os.chmod(folder, 0o777 & ~umask)
         _fsync_path(Path(folder))
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 @functools.cache

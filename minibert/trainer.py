@@ -355,16 +355,20 @@ def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: tor
 def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
     """checkpoints/step-N (rank 0 writes it; every rank hands over its RNG state)."""
     rng_states = distributed.all_gather_object(rng_state(run.device))
+    folder = run.out_dir / "checkpoints" / f"step-{step}"
     if is_main():
         epoch, step_in_epoch = run.layout.epoch_and_step(step)
         save_training_state(
-            run.out_dir / "checkpoints" / f"step-{step}", model=trainee.model,
+            folder, model=trainee.model,
             tokenizer_source=run.model_folder, optimizer=trainee.optimizer,
             scheduler=trainee.scheduler, scaler=trainee.scaler, rng_states=rng_states,
             config=asdict(run.config),
             position=DataPosition(step, epoch, step_in_epoch, run.global_batch_size,
                                   len(run.train_blocks)))
-        prune(run.out_dir, run.config.keep_last)
+        prune(run.out_dir, run.config.keep_last)  # only now that the new one is on disk
+    # Later saves copy vocab.txt from the newest checkpoint: the one this run resumed from,
+    # which run.model_folder pointed at, may just have been pruned.
+    run.model_folder = folder / "model"
 
 
 def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
