@@ -193,5 +193,6 @@ def compare_configs(saved: dict, config: TrainConfig) -> list[str]:
                 f"--resume: {name} is {current[name]!r}, the checkpoint's run had "
                 f"{saved[name]!r}; resume with the same {name}, or start a new run "
                 f"(another --out_dir, or --overwrite)")
-    return [f"{name} {saved[name]!r} -> {current[name]!r}: {RESUME_CHANGE_WARNS[name]}"
+    return [f"resuming with {name} {saved[name]!r} -> {current[name]!r}: "
+            f"{RESUME_CHANGE_WARNS[name]}"
             for name in changed if name in RESUME_CHANGE_WARNS]

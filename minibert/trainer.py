@@ -273,7 +273,7 @@ def restore(run: Run, optimizer, scheduler, scaler) -> int:
         notes.append(f"the checkpoint holds RNG states of {len(rng_states)} processes, this run "
                      f"has {run.launch.world_size}: dropout draws will differ from the original run")
     for note in notes:
-        print0(f"note: resuming with {note}")
+        print0(f"note: {note}")
     print0(f"resumed from {run.resume_from} at step {position.step}")
     return position.step
 
