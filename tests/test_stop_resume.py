@@ -226,6 +226,8 @@ def test_a_run_crosses_an_epoch_boundary_and_resumes_across_it(make_config):
     assert 5 <= per_epoch <= 20
     layout = BatchLayout(num_blocks=per_epoch * 4 + 1, batch_size=4, grad_accum=1, seed=3)
     assert not np.array_equal(layout.rows(0, 0), layout.rows(1, 0))  # a new permutation
+    run = setup(config, environ={})
+    assert run.layout.epoch_and_step(per_epoch) == (1, 0)  # ... which the run reads from here
 
     settings = dict(max_steps=per_epoch + 3, save_every=per_epoch - 1, keep_last=0)
     train(make_config("epochs-uninterrupted", batch_size=4, eval_every=0, **settings),
