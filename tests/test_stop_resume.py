@@ -246,7 +246,7 @@ def test_a_run_crosses_an_epoch_boundary_and_resumes_across_it(make_config):
 
 def test_a_block_gets_new_masks_in_a_new_epoch(make_config):
     run = setup(make_config("masks", batch_size=4), environ={})
-    block = torch.from_numpy(np.asarray(run.train_blocks[:1])).long()
+    block = torch.from_numpy(np.array(run.train_blocks[:1])).long()
     _, epoch0 = run.mask(block, [0], seed=3, epoch=0)
     _, epoch1 = run.mask(block, [0], seed=3, epoch=1)
     _, again = run.mask(block, [0], seed=3, epoch=1)

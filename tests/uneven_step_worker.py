@@ -12,7 +12,9 @@ count in it, and the evaluations of the run.
 
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -52,7 +54,9 @@ def main(config: TrainConfig, out_dir: Path, environ: Mapping[str, str]) -> None
         return optimizer_step(*args, **kwargs)
 
     trainee.optimizer.step = recording_step
-    summary = fit(config, run, trainee)
+    with warnings.catch_warnings():  # torch notices the wrapper; it calls the real step
+        warnings.filterwarnings("ignore", message=re.escape("Seems like `optimizer.step()`"))
+        summary = fit(config, run, trainee)
     torch.save({"grads": grads, "count": counts[0], "evals": summary["evals"]},
                out_dir / f"rank-{run.launch.rank}.pt")
 
