@@ -17,7 +17,8 @@
     torchrun --standalone --nproc_per_node=2 train.py --config configs/quickstart-cpu.toml \\
         --batch_size 16 --out_dir runs/quickstart-2proc
 
-    # continue a stopped run (SIGTERM or Ctrl-C saves a checkpoint first)
+    # continue a stopped run (SIGTERM or Ctrl-C saves a checkpoint first, then exits with
+    # 143 or 130; a second one stops at once without saving)
     python train.py --config configs/quickstart-cpu.toml --resume
 
 Settings: defaults < --config FILE (TOML) < --key value flags; `--help` lists every one.
@@ -31,13 +32,16 @@ from __future__ import annotations
 import os
 import sys
 
-from minibert.errors import run_main
+from minibert.errors import run_main, signal_exit_status
 from minibert.train_config import parse_config
 from minibert.trainer import train
 
 
-def main(argv: list[str]) -> None:
-    train(parse_config(argv, description=__doc__), os.environ)
+def main(argv: list[str]) -> int:
+    summary = train(parse_config(argv, description=__doc__), os.environ)
+    # A stopped run is not a finished one: 130 after SIGINT, 143 after SIGTERM, so that
+    # `python train.py && next` does not go on and a scheduler sees a pre-empted job.
+    return signal_exit_status(summary["signal"]) if summary["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -6,21 +6,17 @@ A minibert checkpoint folder holds
     vocab.txt              the WordPiece vocabulary, when the source had one
     tokenizer_config.json  {"do_lower_case": ...}
 A HuggingFace folder holds config.json (model_type "bert") and model.safetensors or
-pytorch_model.bin. Every folder is written under a temporary name and renamed into place,
-so a crash never leaves a half-written checkpoint behind.
+pytorch_model.bin. Every folder is written through minibert/safe_write.py (a temporary beside
+it, fsynced, renamed into place), so a crash never leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,38 +24,18 @@ from safetensors.torch import load_file, save_file
 from .convert import config_from_hf, config_to_hf, hf_to_minibert, minibert_to_hf
 from .errors import MinibertError
 from .model import BertConfig, BertForMaskedLM
+from .safe_write import atomic_folder, recover
 from .tokenizer import is_lower_case, read_vocab
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-@contextlib.contextmanager
-def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `dst`; on success rename it to `dst`, on error delete it."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise MinibertError(f"{dst}: already exists (choose a new folder or pass --overwrite)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def resolve(source: str | Path, weights: bool = True) -> Path:
     """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache
     (without its weight files when `weights` is False)."""
     folder = Path(source)
+    recover(folder)  # a replacement of this folder that a kill interrupted: finish or undo it
     if folder.is_dir():
         return folder
     if folder.exists():

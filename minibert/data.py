@@ -32,7 +32,6 @@ so the process group's timeout cannot fire during a long tokenization.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .errors import MinibertError
+from .safe_write import atomic_file
 
 FORMAT_VERSION = 1  # bump when the way blocks are built changes, so old caches are not reused
 WIKITEXT_NAMES = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
@@ -213,14 +213,7 @@ def cut_blocks(tokens: np.ndarray, tokenizer, max_seq_length: int, source: str) 
 
 
 def write_atomically(path: Path, array: np.ndarray) -> None:
-    """Save `array` to `path` so that no reader ever sees a half-written file: write a
-    temporary file beside it, then rename it over `path` in one step."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            np.save(file, array)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Save `array` to `path` so that no reader ever sees a half-written file (a temporary
+    beside it, fsynced, renamed over `path` in one step: minibert/safe_write.py)."""
+    with atomic_file(path) as temporary, open(temporary, "wb") as file:
+        np.save(file, array)

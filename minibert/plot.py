@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from .errors import MinibertError, run_main
+from .safe_write import atomic_file
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -59,9 +59,8 @@ def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     out_file = Path(out_file)
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(out_file)  # a viewer never sees a half-written image
+    with atomic_file(out_file) as tmp:  # a viewer never sees a half-written image
+        fig.savefig(tmp, dpi=100, format="png")
     return out_file
 
 

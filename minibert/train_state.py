@@ -4,10 +4,13 @@ the metrics log that a resumed run cuts back to the checkpoint's step.
     out_dir/checkpoints/step-N/
         model/               a minibert checkpoint folder (fill-mask and convert_weights read it)
         training_state.pt    optimizer, LR scheduler, GradScaler, the RNG state of every rank,
-                             the data position and the config the run was started with
+                             the data position and the config the run was started with,
+                             which --resume compares with its own (RESUME_MUST_MATCH ...)
 
-A folder is written under a temporary name and renamed into place (checkpoint.atomic_folder),
-so a crash mid-write leaves the previous checkpoint intact and never a half-written one.
+A folder is written under a temporary name, fsynced, and renamed into place
+(minibert/safe_write.py), so a crash or a kill -9 mid-write leaves the previous checkpoints
+intact and never a half-written one; older checkpoints are pruned only once the new one is
+on disk, and renamed aside before they are deleted.
 
 The data position is the number of optimizer steps done: every global batch is a fixed
 slice of a permutation seeded by (seed, epoch), so (epoch, step in epoch) follows from the
@@ -26,18 +29,19 @@ import contextlib
 import json
 import math
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import atomic_folder, save_pretrained
+from .checkpoint import save_pretrained
 from .distributed import is_main
 from .errors import MinibertError
 from .model import BertForMaskedLM
 from .plot import plot_runs
+from .safe_write import atomic_folder, remove_folder, write_text
+from .train_config import TrainConfig
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -68,7 +72,7 @@ class MetricsFile:
                 with contextlib.suppress(ValueError):
                     if json.loads(line)["step"] <= keep_until_step:
                         kept.append(line + "\n")
-        path.write_text("".join(kept), encoding="utf-8")
+        write_text(path, "".join(kept))
 
     def write(self, record: dict, plot: bool = False) -> None:
         """Append one line; with plot, also redraw loss.png beside the file."""
@@ -149,4 +153,47 @@ def prune(out_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step checkpoints (keep_last 0 keeps all)."""
     if keep_last > 0:
         for folder in step_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_folder(folder)  # renamed aside first: never seen half-deleted
+
+
+# ---------------------------------------------------------------------------------------------
+# What --resume accepts: every TrainConfig field is in exactly one of the three groups below
+# (tests/test_train.py checks it, so a new field must be placed here).
+
+RESUME_MUST_MATCH = frozenset({  # changes what the resumed steps compute: a different run
+    "model", "init", "model_config", "data", "join_wikitext_artifacts", "max_seq_length",
+    "mlm_probability", "whole_word_mask", "seed", "dropout", "adam_beta1", "adam_beta2",
+    "adam_eps", "max_grad_norm"})
+RESUME_MAY_CHANGE = frozenset({  # how long, how often, where: the steps compute the same
+    "epochs", "max_steps", "out_dir", "cache_dir", "log_every", "eval_every", "eval_batch_size",
+    "save_every", "keep_last", "resume", "overwrite", "peak_tflops"})
+RESUME_CHANGE_WARNS = {  # accepted, and one line at resume says what the change does
+    "batch_size": "the same global batch split differently: equal up to rounding",
+    "grad_accum": "the same global batch split differently: equal up to rounding",
+    "lr": "applied: the peak of the learning-rate schedule",
+    "warmup_steps": "applied: the warmup of the learning-rate schedule",
+    "warmup_ratio": "applied: the warmup of the learning-rate schedule",
+    "weight_decay": "applied from the next step on",
+    "precision": "the steps differ from the stopped run's by rounding",
+    "device": "the steps differ from the stopped run's by rounding",
+    "compile": "the steps differ from the stopped run's by rounding",
+    "eval_seed": "evaluations are not comparable with the earlier ones",
+    "eval_max_blocks": "evaluations are not comparable with the earlier ones",
+}
+
+
+def compare_configs(saved: dict, config: TrainConfig) -> list[str]:
+    """Check a resumed run's settings against those saved in its checkpoint: raise a
+    MinibertError naming the first setting that must not change, return one line for each
+    change that is accepted with a warning. Settings the checkpoint predates are not compared."""
+    current = asdict(config)
+    changed = [name for name in current if name in saved and saved[name] != current[name]]
+    for name in changed:
+        if name in RESUME_MUST_MATCH:
+            raise MinibertError(
+                f"--resume: {name} is {current[name]!r}, the checkpoint's run had "
+                f"{saved[name]!r}; resume with the same {name}, or start a new run "
+                f"(another --out_dir, or --overwrite)")
+    return [f"resuming with {name} {saved[name]!r} -> {current[name]!r}: "
+            f"{RESUME_CHANGE_WARNS[name]}"
+            for name in changed if name in RESUME_CHANGE_WARNS]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import signal
 import threading
 import time
@@ -45,16 +44,18 @@ from .batches import BatchLayout, step_batch
 from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import load_blocks
 from .distributed import all_reduce_sum, is_main, print0
-from .errors import MinibertError
+from .errors import MinibertError, StopNow
 from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
 from .masking import IGNORE_INDEX, make_masker
 from .model import BertForMaskedLM
 from .precision import autocast, resolve_precision
+from .safe_write import remove_folder, tidy
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
-from .train_state import (DataPosition, MetricsFile, load_training_state, prune, resolve_resume,
-                          rng_state, save_training_state, set_rng_state, step_checkpoints)
+from .train_state import (DataPosition, MetricsFile, compare_configs, load_training_state, prune,
+                          resolve_resume, rng_state, save_training_state, set_rng_state,
+                          step_checkpoints)
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -112,6 +113,9 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     precision = resolve_precision(config.precision, device)
 
     out_dir = Path(config.out_dir)
+    if is_main():  # finish or undo a checkpoint write that a kill interrupted, before looking
+        tidy(out_dir / "checkpoints")
+    distributed.barrier()
     resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
     if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
         raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to "
@@ -151,7 +155,7 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None and config.overwrite:
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            remove_folder(out_dir / "checkpoints")
     return run
 
 
@@ -231,8 +235,14 @@ def build(config: TrainConfig, run: Run) -> Trainee:
 
 
 def restore(run: Run, optimizer, scheduler, scaler) -> int:
-    """Load optimizer, scheduler, GradScaler and this rank's RNG state; return the step."""
+    """Load optimizer, scheduler, GradScaler and this rank's RNG state; return the step.
+
+    The run's settings are compared with the checkpoint's first (train_state.compare_configs):
+    one that changes what the steps compute is refused, an accepted change is reported. A new
+    lr, warmup or weight_decay is applied, and the learning rate always follows this run's
+    schedule: extending max_steps reshapes it, and one line says how the lr moves."""
     state = load_training_state(run.resume_from)
+    notes = compare_configs(state["config"], run.config)
     position: DataPosition = state["position"]
     if (position.global_batch_size, position.num_train_blocks) != (
             run.global_batch_size, len(run.train_blocks)):
@@ -243,14 +253,32 @@ def restore(run: Run, optimizer, scheduler, scaler) -> int:
             f"processes")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    saved_lr = optimizer.param_groups[0]["lr"]  # what the stopped run would have used next
+    # The optimizer's state brought back the stopped run's lr and weight_decay: set this run's,
+    # then recompute the lr of the next update from this run's schedule.
+    optimizer.param_groups[0]["weight_decay"] = run.config.weight_decay  # the decay group
+    scheduler.base_lrs = [run.config.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = run.config.lr
+    scheduler.last_epoch -= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler stepped before the optimizer": on purpose
+        scheduler.step()
+    next_lr = optimizer.param_groups[0]["lr"]
+    if not math.isclose(next_lr, saved_lr, rel_tol=1e-9):
+        notes.append(f"the learning-rate schedule is this run's ({run.warmup_steps} warmup, "
+                     f"linear decay to step {run.total_steps}): step {position.step + 1} uses "
+                     f"lr {next_lr:.3g} where the stopped run would have used {saved_lr:.3g}")
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     rng_states = state["rng_states"]
     if len(rng_states) == run.launch.world_size:
         set_rng_state(rng_states[run.launch.rank], run.device)
     else:
-        print0(f"note: the checkpoint holds RNG states of {len(rng_states)} processes, this run "
-               f"has {run.launch.world_size}: dropout draws will differ from the original run")
+        notes.append(f"the checkpoint holds RNG states of {len(rng_states)} processes, this run "
+                     f"has {run.launch.world_size}: dropout draws will differ from the original run")
+    for note in notes:
+        print0(f"note: {note}")
     print0(f"resumed from {run.resume_from} at step {position.step}")
     return position.step
 
@@ -260,24 +288,31 @@ def restore(run: Run, optimizer, scheduler, scaler) -> int:
 
 
 class StopRequest:
-    """Remembers a SIGTERM or Ctrl-C so that the loop can save and stop at a step boundary.
+    """SIGTERM or Ctrl-C. The first sets `requested`: the loop saves a checkpoint at the next
+    step boundary and stops. A second stops at once, wherever the run is (in an evaluation, in
+    a save): the handler raises StopNow, and the writes in progress delete their temporaries on
+    the way out; from then on the signals have their default effect, so a third one ends the
+    process even inside a collective that never returns.
 
-    The handler stays installed until the loop ends: under torchrun a worker gets Ctrl-C's
-    SIGINT from the terminal and then again from torchrun, which forwards it, and a second
-    signal must not interrupt the checkpoint being written. (torchrun kills workers that do
-    not exit within 30 s of its signal.) Handlers can only be installed from the main thread;
-    elsewhere this does nothing.
+    torchrun starts its workers in a session of their own: Ctrl-C in the terminal reaches
+    torchrun, which sends each worker one SIGINT (SIGTERM when it got SIGTERM), waits 30 s, then
+    sends SIGKILL. Handlers can only be installed from the main thread; elsewhere this does
+    nothing.
     """
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the signal that asked for the stop
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
-        if not self.requested:
-            print0(f"{signal.Signals(signum).name}: saving a checkpoint after this step, "
-                   f"then stopping")
-        self.requested = True
+        if self.requested:
+            for other in self._previous:
+                signal.signal(other, signal.SIG_DFL)
+            raise StopNow(signum)
+        self.requested, self.signum = True, signum
+        print0(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then "
+               f"stopping (a second one stops at once, without saving)")
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -325,16 +360,20 @@ def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: tor
 def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
     """checkpoints/step-N (rank 0 writes it; every rank hands over its RNG state)."""
     rng_states = distributed.all_gather_object(rng_state(run.device))
+    folder = run.out_dir / "checkpoints" / f"step-{step}"
     if is_main():
         epoch, step_in_epoch = run.layout.epoch_and_step(step)
         save_training_state(
-            run.out_dir / "checkpoints" / f"step-{step}", model=trainee.model,
+            folder, model=trainee.model,
             tokenizer_source=run.model_folder, optimizer=trainee.optimizer,
             scheduler=trainee.scheduler, scaler=trainee.scaler, rng_states=rng_states,
             config=asdict(run.config),
             position=DataPosition(step, epoch, step_in_epoch, run.global_batch_size,
                                   len(run.train_blocks)))
-        prune(run.out_dir, run.config.keep_last)
+        prune(run.out_dir, run.config.keep_last)  # only now that the new one is on disk
+    # Later saves copy vocab.txt from the newest checkpoint: the one this run resumed from,
+    # which run.model_folder pointed at, may just have been pruned.
+    run.model_folder = folder / "model"
 
 
 def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
@@ -440,18 +479,18 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
             if config.save_every and step % config.save_every == 0:
                 save(step)
         bar.close()
+        # Still under StopRequest: a first signal now lets these saves finish, a second one
+        # stops at once, and no write leaves anything half-done either way.
+        if last_saved != step:
+            save(step)
         if step < total_steps:  # left the loop early: a stop was requested
-            if last_saved != step:
-                save(step)
             print0(f"stopped at step {step}; continue with --resume")
-            summary.update(stopped=True, step=step)
+            # A rank stopped by another rank's vote got no signal itself: report SIGTERM.
+            summary.update(stopped=True, step=step, signal=stop.signum or signal.SIGTERM)
             return summary
-
-    if last_saved != step:
-        save(step)
-    if is_main():
-        save_pretrained(model, run.out_dir / "final", tokenizer_source=run.model_folder,
-                        overwrite=True)
+        if is_main():
+            save_pretrained(model, run.out_dir / "final", tokenizer_source=run.model_folder,
+                            overwrite=True)
     if device.type == "cuda":
         print0(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print0(f"wrote {run.out_dir / 'final'} and {run.out_dir / 'metrics.jsonl'}, "

@@ -97,16 +97,14 @@ def test_wikitext_artefacts_are_joined_unless_asked_to_keep_them(tokenizer, tmp_
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # the switch is part of the key
 
 
-def test_cache_hit_loads_fast_without_tokenizing(tokenizer, tmp_path, monkeypatch):
+def test_cache_hit_loads_without_tokenizing(tokenizer, tmp_path, monkeypatch):
     first = load_blocks(WIKIPEDIA_SAMPLE, "valid", tokenizer, 64, tmp_path, show_progress=False)
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again despite a cache hit")
 
-    monkeypatch.setattr(data, "tokenize_lines", no_tokenizing)
-    start = time.perf_counter()
+    monkeypatch.setattr(data, "tokenize_lines", no_tokenizing)  # proves it: no wall clock
     second = load_blocks(WIKIPEDIA_SAMPLE, "valid", tokenizer, 64, tmp_path, show_progress=False)
-    assert time.perf_counter() - start < 1.0
     assert isinstance(second, np.memmap) and np.array_equal(first, second)
     with pytest.raises(ValueError):
         second[0, 0] = 0  # read-only: no process can scribble on the shared cache

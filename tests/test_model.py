@@ -83,16 +83,44 @@ def test_attention_is_bidirectional():
         assert not torch.allclose(first, model.bert(changed)[0, 0])  # token 0 sees the last token
 
 
-def test_decoder_is_tied_to_word_embeddings():
-    model = tiny_model()
-    assert "mlm_head.decoder_weight" not in model.state_dict()
+def assert_decoder_tied(model: BertForMaskedLM) -> None:
+    """The logits that forward() returns come from the input embedding matrix itself: they
+    move when a row of it moves, and the decoder's gradient lands in it."""
+    embedding = model.bert.embeddings.word_embeddings.weight
+    ids = torch.tensor([[2, 3, 4, 5, 6]])  # token 7 is not an input: only the decoder uses row 7
     with torch.no_grad():
-        model.bert.embeddings.word_embeddings.weight[7] += 1.0
-    hidden = torch.randn(3, 32)
-    logits = model.mlm_head(hidden, model.word_embeddings)
-    h = model.mlm_head.layer_norm(torch.nn.functional.gelu(model.mlm_head.dense(hidden)))
-    torch.testing.assert_close(logits, h @ model.bert.embeddings.word_embeddings.weight.T
-                               + model.mlm_head.bias)
+        before = model(ids)[..., 7]
+        embedding[7] += 1.0
+        hidden = model.mlm_head.layer_norm(model.mlm_head.activation(
+            model.mlm_head.dense(model.bert(ids))))
+        torch.testing.assert_close(model(ids)[..., 7] - before, hidden.sum(-1))
+        embedding[7] -= 1.0
+    labels = torch.full_like(ids, -100)
+    labels[0, 1] = 7
+    model.zero_grad()
+    model(ids, labels=labels).backward()
+    assert embedding.grad is not None and embedding.grad[7].abs().sum() > 0
+    assert "mlm_head.decoder_weight" not in model.state_dict()
+
+
+def test_decoder_is_tied_to_word_embeddings():
+    assert_decoder_tied(tiny_model())
+
+
+def test_the_tie_test_fails_on_an_untied_decoder():
+    class Untied(BertForMaskedLM):  # the decoder gets a copy of the embeddings, then drifts apart
+        def __init__(self, config):
+            super().__init__(config)
+            self.decoder = torch.nn.Parameter(self.bert.embeddings.word_embeddings.weight
+                                              .detach().clone())
+
+        @property
+        def word_embeddings(self):
+            return self.decoder
+
+    torch.manual_seed(0)
+    with pytest.raises(AssertionError):
+        assert_decoder_tied(Untied(BertConfig(**TINY)).eval())
 
 
 def test_masked_loss_equals_full_logits_loss():
