@@ -10,12 +10,12 @@ works on machines without a display and changes nothing for other matplotlib use
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
+from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 
 
@@ -66,8 +66,7 @@ def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minibert.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="OUT_DIR", help="training output folders")
     parser.add_argument("-o", "--output", type=Path,
                         help="PNG to write (default: OUT_DIR/loss.png for one run, "

@@ -140,6 +140,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path:
             raise MinibertError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
         return found[-1]
     folder = Path(resume)
+    if not folder.is_dir():
+        raise MinibertError(f"--resume {resume}: no such folder")
     if not (folder / STATE_FILE).is_file():
         raise MinibertError(f"--resume {resume}: not a resume checkpoint (no {STATE_FILE})")
     return folder
