@@ -133,7 +133,9 @@ def read_checkpoint(source: str | Path) -> tuple[BertForMaskedLM, Path, list[str
         state = weights
     else:
         state, notices = hf_to_minibert(weights)
-    model = BertForMaskedLM(config)
+    # A pooler is kept when the checkpoint has one (minibert/convert.py says why).
+    model = BertForMaskedLM(config, add_pooling_layer=any(k.startswith("bert.pooler.")
+                                                          for k in state))
     if not any(k.startswith("mlm_head.") for k in state):
         # A BertModel checkpoint: keep the freshly initialised head so the model still runs.
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head.")})

@@ -194,7 +194,7 @@ def build(config: TrainConfig, run: Run) -> Trainee:
         dropout_config = replace(model.config, hidden_dropout_prob=config.dropout,
                                  attention_probs_dropout_prob=config.dropout)
         state = model.state_dict()
-        model = BertForMaskedLM(dropout_config)
+        model = BertForMaskedLM(dropout_config, add_pooling_layer=model.bert.pooler is not None)
         model.load_state_dict(state)
     model = model.to(run.device)
     ddp_model = distributed.wrap_model(model, run.device)
