@@ -42,14 +42,14 @@ from tqdm import tqdm
 from . import distributed
 from .batches import BatchLayout, step_batch
 from .checkpoint import read_checkpoint, save_pretrained
-from .data import load_blocks
+from .data import check_splits, load_blocks
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError
 from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
 from .masking import IGNORE_INDEX, make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, resolve_precision
+from .precision import autocast, precision_warning, resolve_precision
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .train_state import (DataPosition, MetricsFile, load_training_state, prune, resolve_resume,
@@ -109,12 +109,16 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = distributed.init(launch, "cuda" if use_cuda else "cpu")
     precision = resolve_precision(config.precision, device)
+    if warning := precision_warning(precision, device):
+        print0(warning)
 
     out_dir = Path(config.out_dir)
     resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
     if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
         raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to "
                             f"continue it, --overwrite to start afresh, or another --out_dir")
+
+    check_splits(config.data, ("train", "validation"))  # both, before tokenizing either
 
     # Resuming reads the weights from the checkpoint, whose folder also holds vocab.txt.
     model, model_folder, notices = read_checkpoint(resume_from / "model" if resume_from
