@@ -346,7 +346,8 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     world, total_steps, seq_len = run.launch.world_size, run.total_steps, config.max_seq_length
     step = trainee.start_step
     resumed = run.resume_from is not None
-    metrics = MetricsFile(run.out_dir / "metrics.jsonl", keep_until_step=step if resumed else None)
+    metrics = MetricsFile(run.out_dir / "metrics.jsonl", keep_until_step=step if resumed else None,
+                          global_batch_size=run.global_batch_size, max_seq_length=seq_len)
 
     flops_per_token = training_flops_per_token(model.config, seq_len, config.mlm_probability)
     peak = config.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), run.precision)
