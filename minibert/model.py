@@ -235,7 +235,7 @@ class BertModel(nn.Module):
             return x
         if self.pooler is None:
             raise ValueError("return_pooled: this model was built without a pooler "
-                             "(its checkpoint had none)")
+                             "(add_pooling_layer=False, as for a checkpoint that has none)")
         return x, self.pooler(x)
 
 

@@ -45,17 +45,20 @@ def test_plot_parses_with_the_shared_parser(tmp_path):
 
 
 @pytest.mark.parametrize("parse, typed, hint", [
-    (parse_config, ["--batch-sise", "8"], "unknown setting --batch-sise (did you mean --batch-size?)"),
-    (parse_config, ["--batch_sise", "8"], "unknown setting --batch_sise (did you mean --batch_size?)"),
-    (parse_config, ["--lrr", "1e-4"], "unknown setting --lrr (did you mean --lr?)"),
-    (fill_mask.parse_args, ["--model", "m", "--top_kk", "3"], "unknown option --top_kk (did you mean --top_k?)"),
-    (fill_mask.parse_args, ["--model", "m", "--tpo-k", "3"], "unknown option --tpo-k (did you mean --top-k?)"),
-    (convert_weights.parse_args, ["a", "b", "--to_hff"], "unknown option --to_hff (did you mean --to_hf?)"),
+    (parse_config, ["--batch-sise", "8"], "setting --batch-sise (did you mean --batch-size?)"),
+    (parse_config, ["--batch_sise", "8"], "setting --batch_sise (did you mean --batch_size?)"),
+    (parse_config, ["--lrr", "1e-4"], "setting --lrr (did you mean --lr?)"),
+    (fill_mask.parse_args, ["--model", "m", "--top_kk", "3"],
+     "option --top_kk (did you mean --top_k?)"),
+    (fill_mask.parse_args, ["--model", "m", "--tpo-k", "3"],
+     "option --tpo-k (did you mean --top-k?)"),
+    (convert_weights.parse_args, ["a", "b", "--to_hff"],
+     "option --to_hff (did you mean --to_hf?)"),
 ])
 def test_did_you_mean_names_the_spelling_typed(parse, typed, hint):
     with pytest.raises(MinibertError) as error:
         parse(typed)
-    assert str(error.value) == f"command line: {hint}"
+    assert str(error.value) == f"command line: unknown {hint}"
 
 
 def test_errors_about_a_known_flag_name_it_as_typed():

@@ -26,9 +26,10 @@ def train_only(tmp_path) -> Path:
 
 
 def config(tmp_path, data, **overrides) -> TrainConfig:
-    return TrainConfig(**{**dict(model=str(BERT_TINY), data=str(data), out_dir=str(tmp_path / "run"),
-                                 cache_dir=str(tmp_path / "cache"), max_seq_length=32,
-                                 max_steps=1, device="cpu", precision="bf16"), **overrides})
+    base = dict(model=str(BERT_TINY), data=str(data), out_dir=str(tmp_path / "run"),
+                cache_dir=str(tmp_path / "cache"), max_seq_length=32, max_steps=1, device="cpu",
+                precision="bf16")
+    return TrainConfig(**{**base, **overrides})
 
 
 def test_missing_validation_split_is_reported_before_tokenizing(tmp_path, train_only,
