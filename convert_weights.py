@@ -10,11 +10,11 @@ in model.safetensors or pytorch_model.bin) or a minibert folder; DST is written 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from minibert.checkpoint import read_checkpoint, save_huggingface, save_pretrained
+from minibert.cli import ArgumentParser
 from minibert.errors import run_main
 
 
@@ -27,8 +27,7 @@ class ConvertArgs:
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertArgs:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HuggingFace or minibert checkpoint folder, or a hub id")
     parser.add_argument("dst", type=Path, help="output folder (written atomically)")
     parser.add_argument("--to-hf", action="store_true",

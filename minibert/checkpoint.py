@@ -102,14 +102,14 @@ def _read_config(folder: Path) -> tuple[BertConfig, dict]:
         raise MinibertError(f"{folder / 'config.json'}: {error}") from None
 
 
-def init_model(config: BertConfig, seed: int) -> BertForMaskedLM:
+def init_model(config: BertConfig, seed: int, add_pooling_layer: bool = False) -> BertForMaskedLM:
     """A BertForMaskedLM with BERT's initialisation (model.init_weights: N(0, 0.02) weights,
     zero biases, LayerNorm at identity, [PAD] row zero) drawn from `seed` alone. torch's
     global generator is neither read nor advanced, so whatever ran before, the same seed gives
     the same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BertForMaskedLM(config).eval()
+        return BertForMaskedLM(config, add_pooling_layer=add_pooling_layer).eval()
 
 
 def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = False,
@@ -128,7 +128,9 @@ def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = F
         state = weights
     else:
         state, notices = hf_to_minibert(weights)
-    model = init_model(config, seed)
+    # A pooler is kept when the checkpoint has one (minibert/convert.py says why).
+    model = init_model(config, seed, add_pooling_layer=any(k.startswith("bert.pooler.")
+                                                           for k in state))
     if not any(k.startswith("mlm_head.") for k in state):
         if require_head:
             raise MinibertError(f"{folder}: a BertModel checkpoint, which has no masked-LM "

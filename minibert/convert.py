@@ -14,10 +14,13 @@ Pure functions on state dicts; reading and writing folders is minibert/checkpoin
     cls.predictions.transform.LayerNorm                  mlm_head.layer_norm
     cls.predictions.bias                                 mlm_head.bias
     cls.predictions.decoder.weight                       (tied: bert.embeddings.word_embeddings)
+    bert.pooler.dense                                    bert.pooler.dense  (when present)
 
 BertModel checkpoints have no `bert.` prefix and no head; BertForPreTraining ones add the
-next-sentence head `cls.seq_relationship`, which masked-LM training does not use. TF-era
-checkpoints call LayerNorm's parameters gamma and beta.
+next-sentence head `cls.seq_relationship`, which is dropped with a notice: minibert trains
+masked-LM only and exports BertForMaskedLM, which has no place for it. The pooler is kept
+(masked-LM training leaves it untouched), so that an exported model reaches a classifier with
+its pretrained pooler. TF-era checkpoints call LayerNorm's parameters gamma and beta.
 """
 
 from __future__ import annotations
@@ -87,12 +90,13 @@ def hf_to_minibert(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     """HuggingFace BertModel / BertForMaskedLM / BertForPreTraining weights -> minibert names.
 
     Returns (state_dict, notices). The state dict lacks the mlm_head.* entries when the
-    checkpoint has no masked-LM head; the caller decides what to do about that. Unknown keys
-    raise MinibertError, so a checkpoint of another architecture is never half-loaded.
+    checkpoint has no masked-LM head, and the bert.pooler.* ones when it has no pooler; the
+    caller decides what to do about that. Unknown keys raise MinibertError, so a checkpoint
+    of another architecture is never half-loaded.
     """
     out: dict[str, torch.Tensor] = {}
     qkv_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    dropped: dict[str, list[str]] = {"pooler": [], "next-sentence head": []}
+    dropped: list[str] = []  # the next-sentence head
     decoder_weight = None
     for raw_name, tensor in hf_state.items():
         name = _modern_name(raw_name)
@@ -100,11 +104,8 @@ def hf_to_minibert(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
             name = name[len("bert."):]
         if name.endswith("position_ids") or name.endswith("token_type_ids"):
             continue  # index buffers that some versions saved; they hold no weights
-        if name.startswith("pooler."):
-            dropped["pooler"].append(raw_name)
-            continue
         if name.startswith("cls.seq_relationship."):
-            dropped["next-sentence head"].append(raw_name)
+            dropped.append(raw_name)
             continue
         if name == "cls.predictions.decoder.weight":
             decoder_weight = tensor
@@ -128,6 +129,9 @@ def hf_to_minibert(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
         elif prefix in _HEAD_NAMES:
             out[f"{_HEAD_NAMES[prefix]}.{param}"] = tensor
             continue
+        elif prefix == "pooler.dense":
+            out[f"bert.pooler.dense.{param}"] = tensor
+            continue
         raise MinibertError(f"unexpected weight {raw_name!r}: not a BERT checkpoint minibert knows")
     for (index, param), parts in sorted(qkv_parts.items()):
         missing = [p for p in _QKV if p not in parts]
@@ -135,8 +139,10 @@ def hf_to_minibert(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
             raise MinibertError(f"layer {index} lacks attention.self.{missing[0]}.{param}")
         # Stacked in the order q, k, v along the output dimension: rows [0:H] are Q.
         out[f"bert.layers.{index}.attention.qkv.{param}"] = torch.cat([parts[p] for p in _QKV])
-    notices = [f"ignored the {what} ({len(names)} tensors): masked-LM training does not use it"
-               for what, names in dropped.items() if names]
+    notices = []
+    if dropped:
+        notices.append(f"dropped the next-sentence head cls.seq_relationship ({len(dropped)} "
+                       f"tensors): minibert trains and exports masked-LM only")
     word_embeddings = out.get("bert.embeddings.word_embeddings.weight")
     if (decoder_weight is not None and word_embeddings is not None
             and not torch.equal(decoder_weight, word_embeddings)):
@@ -149,7 +155,8 @@ def minibert_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """minibert BertForMaskedLM weights -> HuggingFace BertForMaskedLM names.
 
     The decoder matrix is not written: HuggingFace ties it to the word embeddings on load,
-    as its own save_pretrained does.
+    as its own save_pretrained does. The pooler, when the model has one, is written as
+    bert.pooler.dense: BertForMaskedLM ignores it, BertForSequenceClassification starts from it.
     """
     embedding_names = {v: k for k, v in _EMBEDDING_NAMES.items()}
     layer_names = {v: k for k, v in _LAYER_NAMES.items()}
@@ -169,6 +176,8 @@ def minibert_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"bert.encoder.layer.{layer.group(1)}.{layer_names[layer.group(2)]}.{param}"] = tensor
         elif prefix in head_names:
             out[f"{head_names[prefix]}.{param}"] = tensor
+        elif prefix == "bert.pooler.dense":
+            out[f"bert.pooler.dense.{param}"] = tensor
         else:
             raise MinibertError(f"unexpected minibert weight {name!r}")
     return out

@@ -105,17 +105,27 @@ def normalize_split(split: str) -> str:
     return name
 
 
-def read_split(data: str | Path | dict, split: str) -> tuple[str, list[str]]:
-    """(a short name of where the text came from, its raw lines) for one split of `data`."""
+def check_splits(data: str | Path | dict, splits: tuple[str, ...] | list[str]) -> None:
+    """Raise MinibertError unless every one of `splits` exists in `data`; reads no text, so
+    that a run learns of a missing validation split before it tokenizes the training one.
+    (A WikiText hub name has every split; whether it loads is known only when it is read.)"""
+    for split in splits:
+        split_file(data, normalize_split(split))
+
+
+def split_file(data: str | Path | dict, split: str) -> Path | None:
+    """The file holding one split of `data`, or None for a WikiText hub name."""
     if isinstance(data, dict):
         files = {normalize_split(name): path for name, path in data.items()}
         if split not in files:
             raise MinibertError(f"no {split} split among the files given "
                                 f"(have: {', '.join(files) or 'none'})")
-        return str(files[split]), read_lines(Path(files[split]))
+        if not Path(files[split]).is_file():
+            raise MinibertError(f"{files[split]}: no such file")
+        return Path(files[split])
     folder = Path(data)
     if str(data) in WIKITEXT_NAMES and not folder.exists():  # a local folder of that name wins
-        return str(data), read_wikitext(str(data), split)
+        return None
     if not folder.exists():
         raise MinibertError(f"{folder}: no such folder, and not one of {', '.join(WIKITEXT_NAMES)}")
     if not folder.is_dir():
@@ -123,9 +133,17 @@ def read_split(data: str | Path | dict, split: str) -> tuple[str, list[str]]:
                             f"{' or '.join(SPLIT_FILES[split])}, or a {{split: file}} mapping")
     for name in SPLIT_FILES[split]:
         if (folder / name).is_file():
-            return str(folder / name), read_lines(folder / name)
+            return folder / name
     raise MinibertError(f"{folder}: no {split} split (looked for "
                         f"{' and '.join(SPLIT_FILES[split])})")
+
+
+def read_split(data: str | Path | dict, split: str) -> tuple[str, list[str]]:
+    """(a short name of where the text came from, its raw lines) for one split of `data`."""
+    file = split_file(data, split)
+    if file is None:
+        return str(data), read_wikitext(str(data), split)
+    return str(file), read_lines(file)
 
 
 def read_lines(path: Path) -> list[str]:

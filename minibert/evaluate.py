@@ -22,7 +22,6 @@ Its defaults are train.py's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import read_checkpoint
+from .cli import ArgumentParser
 from .data import load_blocks, normalize_split
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, run_main
@@ -196,10 +196,8 @@ def format_result(result: dict, max_seq_length: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArgs:
     defaults = EvaluateArgs(model="", data="")
-    parser = argparse.ArgumentParser(prog="python -m minibert.evaluate",
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", required=True,
                         help="minibert or HuggingFace checkpoint folder, or a hub id")
     parser.add_argument("--data", required=True,

@@ -11,15 +11,25 @@ A sentence with one mask gets the top-k tokens for it, each with its probability
 over the vocabulary) and the completed sentence. A sentence with several masks is filled one
 mask at a time, running the model again after each, because BERT predicts every mask
 independently of the others: filling them all from one pass can give "the the the". Every mask
-but the last takes its most probable token; the last one gets the top-k list. The order is
-left to right, or with --order confidence the most confident remaining mask first.
+but the last takes its most probable token (greedy); the last one gets the top-k list. The
+order is left to right, or with --order confidence the most confident remaining mask first.
+The plain listing shows each earlier pick with its probability; in --json, "filled" lists
+every pick in the order made, the last mask's best candidate included.
+
+[CLS], [SEP] and [PAD] typed in a sentence are read as [UNK], as the training data pipeline
+reads them (minibert/data.py): a sentence is one segment, framed by the model's own [CLS] and
+[SEP]. The completed sentences show [UNK] where it is, rather than dropping it.
+
+A sentence that cannot be filled (no mask, longer than the model's positions) is reported on
+stderr as FILE:LINE (or argument N, example N) and in --json as an "error" object; the others
+are still answered, and the exit status is 1. --truncate keeps, of a long sentence, the window
+of word pieces around its masks that fits the model, instead of refusing it.
 
 All sentences go through the model together: one padded forward pass per filling step.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -30,12 +40,14 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import read_checkpoint
+from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .model import BertForMaskedLM
 from .tokenizer import load_tokenizer
 
 ORDERS = ("left-to-right", "confidence")
 MASK_TOKEN = "[MASK]"
+SPECIAL_AS_UNKNOWN = ("[PAD]", "[CLS]", "[SEP]")  # typed in a sentence, read as [UNK]
 # Users type [mask] as often as [MASK]; the tokenizer matches the special token case-sensitively.
 _ANY_CASE_MASK = re.compile(re.escape(MASK_TOKEN), re.IGNORECASE)
 
@@ -59,20 +71,57 @@ class _Sentence:
     masks: list[int]  # positions of the masks still to fill, left to right
     filled: list[dict] = field(default_factory=list)  # {"position", "token", "score"}, fill order
     predictions: list[dict] = field(default_factory=list)  # top-k for the last mask filled
+    truncated: dict | None = None  # {"tokens", "kept"} when only a window of the text is used
 
     def to_dict(self) -> dict:
-        return {"input": self.text, "predictions": self.predictions, "filled": self.filled}
+        result = {"input": self.text, "predictions": self.predictions, "filled": self.filled}
+        if self.truncated is not None:
+            result["truncated"] = self.truncated
+        return result
 
 
-def encode(tokenizer: Tokenizer, text: str, max_positions: int) -> list[int]:
-    """[CLS] text [SEP] as token ids, with [mask] in any case read as the mask token."""
+def _window(ids: list[int], masks: list[int], max_positions: int) -> tuple[int, int]:
+    """[start, end) of the word pieces (ids without [CLS] and [SEP]) to keep so that, framed,
+    they fit max_positions: centred on the masks, as much text on each side as fits."""
+    pieces, width = len(ids) - 2, max_positions - 2
+    first, last = masks[0] - 1, masks[-1] - 1  # indices among the word pieces
+    if last - first + 1 > width:
+        raise MinibertError(f"its masks span {last - first + 1} tokens, more than the model's "
+                            f"{max_positions} positions hold even with --truncate")
+    start = (first + last + 1) // 2 - width // 2
+    start = min(max(start, 0, last - width + 1), first, pieces - width)
+    return start, start + width
+
+
+def _encode(tokenizer: Tokenizer, text: str, max_positions: int,
+            truncate: bool) -> tuple[list[int], dict | None]:
+    """(token ids [CLS] text [SEP], None) or, truncated, (ids of a window, what was kept)."""
     ids = tokenizer.encode(_ANY_CASE_MASK.sub(MASK_TOKEN, text)).ids
-    if tokenizer.token_to_id(MASK_TOKEN) not in ids:
+    # A [CLS], [SEP] or [PAD] typed in the text is matched as that special token; read it as
+    # [UNK], as the data pipeline does, so that the only frame is the model's own.
+    typed_specials = {tokenizer.token_to_id(t) for t in SPECIAL_AS_UNKNOWN}
+    unk_id = tokenizer.token_to_id("[UNK]")
+    ids = ids[:1] + [unk_id if i in typed_specials else i for i in ids[1:-1]] + ids[-1:]
+    mask_id = tokenizer.token_to_id(MASK_TOKEN)
+    masks = [i for i, t in enumerate(ids) if t == mask_id]
+    if not masks:
         raise MinibertError(f"no {MASK_TOKEN} in {text!r}")
-    if len(ids) > max_positions:
+    if len(ids) <= max_positions:
+        return ids, None
+    if not truncate:
         raise MinibertError(f"{len(ids)} tokens in {text[:30] + '...'!r}, but the model has "
-                            f"only {max_positions} positions")
-    return ids
+                            f"only {max_positions} positions (--truncate keeps a window "
+                            f"around the masks)")
+    start, end = _window(ids, masks, max_positions)
+    return ids[:1] + ids[1 + start:1 + end] + ids[-1:], {"tokens": len(ids), "kept": [start, end]}
+
+
+def encode(tokenizer: Tokenizer, text: str, max_positions: int,
+           truncate: bool = False) -> list[int]:
+    """[CLS] text [SEP] as token ids, with [mask] in any case read as the mask token and a
+    typed [CLS], [SEP] or [PAD] as [UNK]. Longer than max_positions: an error, or with
+    truncate the window of the text around the masks that fits."""
+    return _encode(tokenizer, text, max_positions, truncate)[0]
 
 
 @torch.inference_mode()
@@ -107,7 +156,8 @@ def _fill_one(sentence: _Sentence, probs: torch.Tensor, tokenizer: Tokenizer, to
             ids = sentence.ids[:position] + [token_id] + sentence.ids[position + 1:]
             sentence.predictions.append({
                 "token": tokenizer.id_to_token(token_id), "token_id": token_id, "score": score,
-                "sequence": tokenizer.decode(ids, skip_special_tokens=True)})
+                # Decoded between the frame, specials kept: a [UNK] shows rather than vanishes.
+                "sequence": tokenizer.decode(ids[1:-1], skip_special_tokens=False)})
         best = sentence.predictions[0]
         sentence.filled.append({"position": position, "token": best["token"],
                                 "score": best["score"]})
@@ -122,8 +172,14 @@ def _fill_one(sentence: _Sentence, probs: torch.Tensor, tokenizer: Tokenizer, to
 
 
 def fill_masks(model: BertForMaskedLM, tokenizer: Tokenizer, texts: list[str] | tuple[str, ...],
-               top_k: int = 5, order: str = "left-to-right") -> list[dict]:
-    """fill_mask for many sentences at once: each filling step is one padded forward pass."""
+               top_k: int = 5, order: str = "left-to-right", truncate: bool = False,
+               ) -> list[dict]:
+    """fill_mask for many sentences at once: each filling step is one padded forward pass.
+
+    One result per text, in order. A text that cannot be filled (no mask, too long) gets
+    {"input": text, "error": {"message": why}} and does not stop the others. The model runs
+    in eval mode (no dropout) whatever mode it is in, and is left in that mode afterwards.
+    """
     vocab_size = model.config.vocab_size
     if not 1 <= top_k <= vocab_size:
         raise MinibertError(f"top_k must be between 1 and the vocabulary size ({vocab_size}), "
@@ -131,38 +187,70 @@ def fill_masks(model: BertForMaskedLM, tokenizer: Tokenizer, texts: list[str] | 
     if order not in ORDERS:
         raise MinibertError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     mask_id = tokenizer.token_to_id(MASK_TOKEN)
-    sentences = []
+    results: list[_Sentence | dict] = []
     for text in texts:
-        ids = encode(tokenizer, text, model.config.max_position_embeddings)
-        sentences.append(_Sentence(text, ids, [i for i, t in enumerate(ids) if t == mask_id]))
-    pending = sentences
-    while pending:
-        probs = mask_probabilities(model, [s.ids for s in pending], [s.masks for s in pending],
-                                   tokenizer.token_to_id("[PAD]"))
-        for sentence, sentence_probs in zip(pending, probs):
-            _fill_one(sentence, sentence_probs, tokenizer, top_k, order)
-        pending = [s for s in pending if s.masks]
-    return [s.to_dict() for s in sentences]
+        try:
+            ids, truncated = _encode(tokenizer, text, model.config.max_position_embeddings,
+                                     truncate)
+        except MinibertError as error:
+            results.append({"input": text, "error": {"message": str(error)}})
+            continue
+        results.append(_Sentence(text, ids, [i for i, t in enumerate(ids) if t == mask_id],
+                                 truncated=truncated))
+    was_training = model.training
+    model.eval()  # dropout off: the answer must not depend on the caller's mode
+    try:
+        pending = [s for s in results if isinstance(s, _Sentence)]
+        while pending:
+            probs = mask_probabilities(model, [s.ids for s in pending],
+                                       [s.masks for s in pending], tokenizer.token_to_id("[PAD]"))
+            for sentence, sentence_probs in zip(pending, probs):
+                _fill_one(sentence, sentence_probs, tokenizer, top_k, order)
+            pending = [s for s in pending if s.masks]
+    finally:
+        model.train(was_training)
+    return [s.to_dict() if isinstance(s, _Sentence) else s for s in results]
 
 
 def fill_mask(model: BertForMaskedLM, tokenizer: Tokenizer, text: str, top_k: int = 5,
-              order: str = "left-to-right") -> dict:
-    """The model's guesses for the [MASK]s in `text` (model in eval mode, as loaded).
+              order: str = "left-to-right", truncate: bool = False) -> dict:
+    """The model's guesses for the [MASK]s in `text` (in eval mode, whatever the model's mode).
 
     Returns {"input": text,
              "predictions": [{"token", "token_id", "score", "sequence"}, ...],  # top_k, best first
              "filled": [{"position", "token", "score"}, ...]}                   # one per mask
     "predictions" are the candidates for the last mask filled, "sequence" the whole sentence
-    with them in place, decoded as BERT's tokenizer decodes (lower-case, word pieces joined).
-    "filled" lists every mask in the order filled: its position in the token ids ([CLS] is 0)
-    and the token it took with that token's probability at the time.
+    with them in place, decoded as BERT's tokenizer decodes (lower-case, word pieces joined;
+    an [UNK] is kept). "filled" lists every mask in the order filled: its position in the token
+    ids ([CLS] is 0) and the token it took with that token's probability at the time; all but
+    the last took their most probable token. With truncate, a text longer than the model's
+    positions is cut to the window around its masks, and the result adds
+    "truncated": {"tokens": its length in tokens, "kept": [start, end) of its word pieces};
+    positions then count in the window. Raises MinibertError for a text it cannot fill.
     """
-    return fill_masks(model, tokenizer, [text], top_k, order)[0]
+    result = fill_masks(model, tokenizer, [text], top_k, order, truncate)[0]
+    if "error" in result:
+        raise MinibertError(result["error"]["message"])
+    return result
 
 
 def format_result(result: dict) -> str:
-    """The seed's plain-text form of one fill_mask result."""
-    lines = [f"Input sentence: {result['input']}", f"Top {len(result['predictions'])} predictions:"]
+    """The seed's plain-text form of one fill_mask result, with the earlier picks of a
+    sentence with several masks listed before the last mask's candidates."""
+    lines = [f"Input sentence: {result['input']}"]
+    if "truncated" in result:
+        start, end = result["truncated"]["kept"]
+        lines.append(f"Truncated: kept word pieces {start}-{end} of "
+                     f"{result['truncated']['tokens'] - 2}, around the masks")
+    earlier = result["filled"][:-1]
+    if earlier:
+        lines.append("Filled first, each with its most probable token:")
+        lines += [f"  Position {f['position']}: '{f['token']}' | Score: {f['score']:.4f}"
+                  for f in earlier]
+        lines.append(f"Top {len(result['predictions'])} predictions for the last mask "
+                     f"(position {result['filled'][-1]['position']}):")
+    else:
+        lines.append(f"Top {len(result['predictions'])} predictions:")
     lines += [f"  Token: '{p['token']}' | Score: {p['score']:.4f} | Sequence: '{p['sequence']}'"
               for p in result["predictions"]]
     return "\n".join(lines)
@@ -175,53 +263,87 @@ class FillMaskArgs:
     top_k: int = 5  # candidates to list for the last mask of each sentence
     order: str = "left-to-right"  # which mask of several to fill first: one of ORDERS
     json: bool = False  # one JSON object per sentence instead of the plain listing
+    truncate: bool = False  # keep the window around the masks of a sentence that is too long
+    sources: list[str] = field(default_factory=list)  # where each text came from: "FILE:LINE"
 
     def __post_init__(self) -> None:
         if not self.texts:
             raise MinibertError("no sentence to fill: pass TEXT, --file F or --examples")
+        if not self.sources:
+            self.sources = [f"sentence {i}" for i in range(1, len(self.texts) + 1)]
 
 
-def _read_sentences(file: Path) -> list[str]:
-    """One sentence a line; blank lines are skipped."""
+def _read_sentences(file: Path) -> list[tuple[str, str]]:
+    """(FILE:LINE, sentence) for each non-blank line of the file."""
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise MinibertError(f"{file}: cannot read sentences ({error})") from None
-    return [line.strip() for line in lines if line.strip()]
+    return [(f"{file}:{number}", line.strip())
+            for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+HELP = """\
+how several masks are filled:
+  one at a time, the model run again after each pick. Every mask but the last takes its most
+  probable token (greedy), in the --order chosen: left to right, or the most confident
+  remaining mask first. The last mask gets the --top-k candidates, each with the completed
+  sentence. The plain listing shows the earlier picks with their probabilities; in --json,
+  "filled" lists every pick in the order made (position in the token ids, [CLS] being 0).
+
+a sentence that cannot be filled (no [MASK], too long) is reported on stderr as FILE:LINE
+(argument N, example N), and in --json as {"input", "error": {"source", "message"}}; the
+others are still answered, and the exit status is 1.
+"""
 
 
 def parse_args(argv: list[str] | None = None) -> FillMaskArgs:
-    parser = argparse.ArgumentParser(prog="python -m minibert.fill_mask",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=HELP)
     parser.add_argument("text", nargs="*", help="sentences with [MASK] (or [mask]) in them")
     parser.add_argument("--model", required=True,
                         help="minibert or HuggingFace checkpoint folder, or a hub id")
     parser.add_argument("--file", type=Path, help="read sentences from this file, one a line")
     parser.add_argument("--examples", action="store_true",
                         help="fill the six demo sentences (EXAMPLE_SENTENCES)")
-    parser.add_argument("--top-k", type=int, default=5, help="candidates to list (default 5)")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="candidates to list for the last mask (default 5)")
     parser.add_argument("--order", choices=ORDERS, default="left-to-right",
                         help="which of several masks to fill first (default left-to-right)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="of a sentence longer than the model's positions, keep the window "
+                             "of word pieces around its masks that fits (default: refuse it)")
     parser.add_argument("--json", action="store_true", help="one JSON object per sentence")
     ns = parser.parse_args(argv)
-    texts = list(ns.text)
+    sentences = [(f"argument {i}", text) for i, text in enumerate(ns.text, start=1)]
     if ns.file is not None:
-        texts += _read_sentences(ns.file)
+        sentences += _read_sentences(ns.file)
     if ns.examples:
-        texts += EXAMPLE_SENTENCES
-    return FillMaskArgs(model=ns.model, texts=texts, top_k=ns.top_k, order=ns.order, json=ns.json)
+        sentences += [(f"example {i}", text) for i, text in enumerate(EXAMPLE_SENTENCES, start=1)]
+    return FillMaskArgs(model=ns.model, texts=[text for _, text in sentences], top_k=ns.top_k,
+                        order=ns.order, json=ns.json, truncate=ns.truncate,
+                        sources=[source for source, _ in sentences])
 
 
-def run(args: FillMaskArgs) -> None:
+def run(args: FillMaskArgs) -> int:
+    """Answer every sentence; 1 when any could not be filled (each reported on stderr)."""
     model, folder, notices = read_checkpoint(args.model, require_head=True)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
-    results = fill_masks(model, load_tokenizer(folder), args.texts, args.top_k, args.order)
+    results = fill_masks(model, load_tokenizer(folder), args.texts, args.top_k, args.order,
+                         args.truncate)
+    failed = 0
+    for source, result in zip(args.sources, results):
+        if "error" in result:
+            failed += 1
+            result["error"] = {"source": source, **result["error"]}
+            print(f"error: {source}: {result['error']['message']}", file=sys.stderr)
     if args.json:
         print("\n".join(json.dumps(result) for result in results))
     else:
-        print("\n\n".join(format_result(result) for result in results))
+        good = [format_result(result) for result in results if "error" not in result]
+        if good:
+            print("\n\n".join(good))
+    return 1 if failed else 0
 
 
 def main() -> None:

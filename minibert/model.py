@@ -5,8 +5,9 @@ Transformers for Language Understanding" (arXiv:1810.04805), written so that it 
 top to bottom. Section numbers in comments refer to that paper.
 
     tokens -> BertEmbeddings -> BertLayer x N -> hidden states (batch, seq, hidden)
-                                                     |
-                                   BertForMaskedLM: MaskedLMHead -> logits (batch, seq, vocab)
+                                                     |                 |
+                                   BertForMaskedLM: MaskedLMHead      BertPooler (on request)
+                                     -> logits (batch, seq, vocab)     -> (batch, hidden)
 
 The module imports nothing from training or conversion code: it is a pure building block.
 """
@@ -182,7 +183,12 @@ class BertLayer(nn.Module):
 
 
 class BertPooler(nn.Module):
-    """tanh(W h_[CLS] + b): the sentence vector that next-sentence prediction was trained on."""
+    """tanh(W h_[CLS] + b): the sentence vector that next-sentence prediction was trained on.
+
+    Pre-training fed it to a 2-way classifier, "is sentence B the one that followed A?"
+    (section 3.1, Task #2), so it summarises the pair in [CLS]'s vector. Fine-tuning for a
+    sentence classification task starts from it (section 4.1); masked-LM never reads it.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -205,7 +211,8 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
 
 
 class BertModel(nn.Module):
-    """The encoder: embeddings, then num_hidden_layers BertLayers. Returns hidden states."""
+    """The encoder: embeddings, then num_hidden_layers BertLayers. Returns hidden states, and
+    on request the pooled [CLS] vector (when built with the pooler)."""
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
@@ -216,13 +223,20 @@ class BertModel(nn.Module):
         self.apply(lambda module: init_weights(module, config))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (batch, seq) -> last hidden states (batch, seq, hidden)."""
+                token_type_ids: torch.Tensor | None = None, return_pooled: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids: (batch, seq) -> last hidden states (batch, seq, hidden); with
+        return_pooled, (hidden states, pooled output (batch, hidden)) as HF's pooler_output."""
         key_padding_mask = _key_padding_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.layers:
             x = layer(x, key_padding_mask)
-        return x
+        if not return_pooled:
+            return x
+        if self.pooler is None:
+            raise ValueError("return_pooled: this model was built without a pooler "
+                             "(add_pooling_layer=False, as for a checkpoint that has none)")
+        return x, self.pooler(x)
 
 
 class MaskedLMHead(nn.Module):
@@ -254,11 +268,16 @@ class MaskedLMHead(nn.Module):
 class BertForMaskedLM(nn.Module):
     """BERT encoder plus the masked-LM head: logits over the vocabulary, or the MLM loss."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = False):
         super().__init__()
         self.config = config
-        # The MLM objective never uses the pooler (it served next-sentence prediction).
-        self.bert = BertModel(config, add_pooling_layer=False)
+        # The MLM objective never uses the pooler (it served next-sentence prediction). A
+        # checkpoint that has one keeps it (add_pooling_layer), so that a model trained here
+        # and exported goes to a classifier with its pretrained pooler. It is frozen: with no
+        # gradient, AdamW (weight decay included) and DDP leave it exactly as loaded.
+        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
+        if self.bert.pooler is not None:
+            self.bert.pooler.requires_grad_(False)
         self.mlm_head = MaskedLMHead(config)
         self.mlm_head.apply(lambda module: init_weights(module, config))
 

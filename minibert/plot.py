@@ -2,6 +2,12 @@
 
     python -m minibert.plot runs/quickstart                        # -> runs/quickstart/loss.png
     python -m minibert.plot runs/a runs/b -o compare.png           # several runs on one figure
+    python -m minibert.plot runs/a runs/b --x tokens -o compare.png  # against tokens seen
+
+Runs with different global batches take different amounts of data per optimizer step, so
+against steps the larger batch looks faster than it is: `--x tokens` puts every run on the
+tokens it has trained on (steps x global batch x max_seq_length, all processes together).
+The legend gives each run's global batch.
 
 The trainer calls `plot_runs([out_dir], out_dir / "loss.png")` at every evaluation. Figures
 are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so this
@@ -10,11 +16,11 @@ works on machines without a display and changes nothing for other matplotlib use
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .safe_write import atomic_file
 
@@ -35,8 +41,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
-    """Draw train loss (lines) and eval loss (dots) of each run; write a PNG atomically."""
+X_AXES = {"steps": ("step", "optimizer step"),
+          "tokens": ("tokens", "tokens seen (all processes, [CLS] and [SEP] included)")}
+
+
+def plot_runs(run_dirs: list[str | Path], out_file: str | Path, x: str = "steps") -> Path:
+    """Draw train loss (lines) and eval loss (dots) of each run against x ("steps" or
+    "tokens"); write a PNG atomically."""
+    if x not in X_AXES:
+        raise MinibertError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
+    key, label = X_AXES[x]
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,13 +62,19 @@ def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
         records = read_metrics(run_dir)
         colour = colours[i % len(colours)]
         name = Path(run_dir).name or str(run_dir)
-        train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if any(key not in r for r in records):
+            raise MinibertError(f"{run_dir}: metrics.jsonl has lines without {key!r} (logged "
+                                f"before minibert recorded it): plot it with --x steps")
+        batches = sorted({r["global_batch"] for r in records if "global_batch" in r})
+        if batches:
+            name += f" (global batch {', '.join(map(str, batches))})"
+        train = [(r[key], r["train_loss"]) for r in records if "train_loss" in r]
+        evals = [(r[key], r["eval_loss"]) for r in records if "eval_loss" in r]
         if train:
             ax.plot(*zip(*train), color=colour, alpha=0.8, label=f"{name} train")
         if evals:
             ax.plot(*zip(*evals), "o--", color=colour, label=f"{name} eval")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel(label)
     ax.set_ylabel("masked-LM loss (nats per masked token)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -65,16 +85,18 @@ def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minibert.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="OUT_DIR", help="training output folders")
     parser.add_argument("-o", "--output", type=Path,
                         help="PNG to write (default: OUT_DIR/loss.png for one run, "
                              "loss-comparison.png for several)")
+    parser.add_argument("--x", choices=tuple(X_AXES), default="steps",
+                        help="horizontal axis: optimizer steps, or tokens seen, which compares "
+                             "runs of different global batches fairly (default steps)")
     args = parser.parse_args(argv)
     output = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1
                              else Path("loss-comparison.png"))
-    print(f"wrote {plot_runs(args.run_dirs, output)}")
+    print(f"wrote {plot_runs(args.run_dirs, output, x=args.x)}")
 
 
 if __name__ == "__main__":

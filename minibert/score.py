@@ -28,7 +28,6 @@ for any number and length of sentences.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -41,6 +40,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import read_checkpoint
+from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
@@ -191,10 +191,8 @@ def _read_sentences(file: Path) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> ScoreArgs:
-    parser = argparse.ArgumentParser(prog="python -m minibert.score",
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("text", nargs="*", help="sentences to score")
     parser.add_argument("--model", required=True,
                         help="minibert or HuggingFace checkpoint folder with a masked-LM head, "

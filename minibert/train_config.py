@@ -25,6 +25,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .cli import ArgumentParser
 from .errors import MinibertError
 from .model import BertConfig
 
@@ -215,11 +216,11 @@ def _convert(name: str, value: Any, origin: str) -> Any:
     return value
 
 
-def _unknown_key(key: str, origin: str, prefix: str = "") -> MinibertError:
+def _unknown_key(key: str, origin: str) -> MinibertError:
     names = [f.name for f in fields(TrainConfig)]
     close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-    return MinibertError(f"{origin}: unknown setting {prefix}{key}{hint}")
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return MinibertError(f"{origin}: unknown setting {key}{hint}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -242,21 +243,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises MinibertError instead of printing usage and exiting with 2, so a
-    bad flag is reported in one line like every other bad input."""
+class _Parser(ArgumentParser):
+    """minibert's parser (both spellings: --batch_size and --batch-size; one-line errors),
+    calling an unknown flag a setting, as an unknown key of the TOML file is one."""
 
-    def error(self, message: str):  # type: ignore[override]
-        unknown = re.match(r"unrecognized arguments: --?([\w-]+)", message)
-        if unknown:
-            raise _unknown_key(unknown.group(1).replace("-", "_"), "command line", "--")
-        raise MinibertError(f"command line: {message}")
+    unknown_noun = "setting"
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """--config FILE plus one --field flag per TrainConfig field (defaults shown in --help)."""
-    parser = _Parser(description=description, allow_abbrev=False,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=description)
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
     comments = _field_comments(TrainConfig)
     for f in fields(TrainConfig):

@@ -20,7 +20,8 @@ so the CPU and CUDA generator states of each rank are all the RNG a checkpoint n
 
     out_dir/metrics.jsonl    one JSON object per line: step, train_loss, lr, grad_norm,
                              tokens_per_s, mfu (when the peak is known), loss_scale (fp16),
-                             and eval_loss, eval_perplexity, eval_accuracy on evaluation lines
+                             and eval_loss, eval_perplexity, eval_accuracy on evaluation lines;
+                             global_batch and tokens (seen by this step) on every line
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ class DataPosition:
 class MetricsFile:
     """out_dir/metrics.jsonl, one JSON object per line, and its loss.png; rank 0 only."""
 
-    def __init__(self, path: Path, keep_until_step: int | None):
+    def __init__(self, path: Path, keep_until_step: int | None, global_batch_size: int = 0,
+                 max_seq_length: int = 0):
         self.path = path
+        # Every line also says how many tokens the run has seen by its step, and the global
+        # batch, so that minibert.plot can compare runs of different batches (--x tokens).
+        self.global_batch_size, self.max_seq_length = global_batch_size, max_seq_length
         if not is_main():
             return
         kept = []
@@ -77,6 +82,9 @@ class MetricsFile:
     def write(self, record: dict, plot: bool = False) -> None:
         """Append one line; with plot, also redraw loss.png beside the file."""
         if is_main():
+            if self.global_batch_size:
+                record = {**record, "global_batch": self.global_batch_size,
+                          "tokens": record["step"] * self.global_batch_size * self.max_seq_length}
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                      for k, v in record.items()}  # JSON has no inf/NaN: a skipped step logs null
             with self.path.open("a", encoding="utf-8") as file:
@@ -144,6 +152,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path:
             raise MinibertError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
         return found[-1]
     folder = Path(resume)
+    if not folder.is_dir():
+        raise MinibertError(f"--resume {resume}: no such folder")
     if not (folder / STATE_FILE).is_file():
         raise MinibertError(f"--resume {resume}: not a resume checkpoint (no {STATE_FILE})")
     return folder

@@ -42,14 +42,14 @@ from tqdm import tqdm
 from . import distributed
 from .batches import BatchLayout, step_batch
 from .checkpoint import random_init, read_checkpoint, save_pretrained
-from .data import load_blocks
+from .data import check_splits, load_blocks
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, StopNow
 from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
 from .masking import IGNORE_INDEX, make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, resolve_precision
+from .precision import autocast, precision_warning, resolve_precision
 from .safe_write import remove_folder, tidy
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
@@ -111,6 +111,8 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = distributed.init(launch, "cuda" if use_cuda else "cpu")
     precision = resolve_precision(config.precision, device)
+    if warning := precision_warning(precision, device):
+        print0(warning)
 
     out_dir = Path(config.out_dir)
     if is_main():  # finish or undo a checkpoint write that a kill interrupted, before looking
@@ -120,6 +122,8 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
         raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to "
                             f"continue it, --overwrite to start afresh, or another --out_dir")
+
+    check_splits(config.data, ("train", "validation"))  # both, before tokenizing either
 
     # Resuming reads the weights from the checkpoint, whose folder also holds vocab.txt.
     if resume_from is None and config.init == "random":
@@ -204,7 +208,7 @@ def build(config: TrainConfig, run: Run) -> Trainee:
         dropout_config = replace(model.config, hidden_dropout_prob=config.dropout,
                                  attention_probs_dropout_prob=config.dropout)
         state = model.state_dict()
-        model = BertForMaskedLM(dropout_config)
+        model = BertForMaskedLM(dropout_config, add_pooling_layer=model.bert.pooler is not None)
         model.load_state_dict(state)
     model = model.to(run.device)
     ddp_model = distributed.wrap_model(model, run.device)
@@ -387,7 +391,8 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     world, total_steps, seq_len = run.launch.world_size, run.total_steps, config.max_seq_length
     step = trainee.start_step
     resumed = run.resume_from is not None
-    metrics = MetricsFile(run.out_dir / "metrics.jsonl", keep_until_step=step if resumed else None)
+    metrics = MetricsFile(run.out_dir / "metrics.jsonl", keep_until_step=step if resumed else None,
+                          global_batch_size=run.global_batch_size, max_seq_length=seq_len)
 
     flops_per_token = training_flops_per_token(model.config, seq_len, config.mlm_probability)
     peak = config.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), run.precision)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import BERT_TINY, MINILM, REPO
+from conftest import ASSETS, BERT_TINY, MINILM, REPO
 from minibert import load_pretrained, load_tokenizer
 from minibert.convert import hf_to_minibert
 from minibert.model import BertConfig, BertForMaskedLM
@@ -87,6 +87,22 @@ def test_parity_minilm_checkpoint():
     assert hidden_diff <= TOLERANCE
 
 
+@torch.no_grad()
+def test_parity_minilm_pooled_output():
+    """The pooler is kept: BertModel's pooled output is transformers' pooler_output."""
+    ids, mask = padded_batch(MINILM)
+    ours = load_pretrained(MINILM)
+    reference = transformers.BertModel.from_pretrained(str(MINILM)).eval()
+    hidden, pooled = ours.bert(ids, mask, return_pooled=True)
+    out = reference(input_ids=ids, attention_mask=mask)
+    pooled_diff = max_diff(pooled, out.pooler_output)
+    print(f"minilm-l6-h384-uncased: pooled {pooled_diff:.2e}")
+    assert pooled.shape == (len(SENTENCES), 384) and pooled_diff <= TOLERANCE
+    assert max_diff(hidden, out.last_hidden_state) <= TOLERANCE
+    with pytest.raises(ValueError, match="without a pooler"):
+        load_pretrained(BERT_TINY).bert(ids, mask, return_pooled=True)  # a BertForMaskedLM
+
+
 SHAPES = {
     "2 layers, hidden 64": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, intermediate_size=256),
@@ -141,11 +157,17 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(source, tmp_path):
     for key in common:
         assert original[key].dtype == written[key].dtype and torch.equal(original[key], written[key]), key
     skipped = sorted(set(original) - set(written))
-    assert all(k.startswith("bert.pooler") or k.endswith("position_ids") for k in skipped)
+    assert all(k.endswith("position_ids") for k in skipped), skipped  # the pooler is kept
+    pooler = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    has_pooler = pooler <= set(original)  # MiniLM (a BertModel) has one, bert-tiny-splade not
+    assert (pooler <= set(written)) == has_pooler
 
     model, info = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "hf"),
                                                                output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    # transformers' BertForMaskedLM has no pooler, so it reports the kept one as unexpected,
+    # as it does for bert-base-uncased itself; a classifier starts from it (test below).
+    assert not info["missing_keys"], info
+    assert set(info["unexpected_keys"]) == (pooler if has_pooler else set()), info
     ids, mask = padded_batch(source)
     with torch.no_grad():
         assert max_diff(model.eval()(input_ids=ids, attention_mask=mask).logits,
@@ -174,10 +196,17 @@ def test_pretraining_checkpoint_in_bin_with_old_names(tmp_path):
     write_hf_folder(tmp_path / "src", state, reference.config.to_dict(), "pytorch_model.bin")
     result = run_convert(tmp_path / "src", tmp_path / "dst")
     assert result.returncode == 0, result.stderr
-    assert "next-sentence head" in result.stdout and "pooler" in result.stdout
+    assert "dropped the next-sentence head" in result.stdout
+    assert "pooler" not in result.stdout  # kept, so nothing to say
     ids = torch.randint(1000, 30000, (2, 12))
-    logits = load_pretrained(tmp_path / "dst")(ids)
-    assert max_diff(logits, reference(input_ids=ids).prediction_logits) <= TOLERANCE
+    converted = load_pretrained(tmp_path / "dst")
+    logits = converted(ids)
+    out = reference(input_ids=ids)
+    assert max_diff(logits, out.prediction_logits) <= TOLERANCE
+    # The pooled output, through the kept pooler: what the NSP head read in pre-training.
+    _, pooled = converted.bert(ids, return_pooled=True)
+    reference_pooled = reference.bert(input_ids=ids).pooler_output
+    assert max_diff(pooled, reference_pooled) <= TOLERANCE
 
 
 def test_bert_model_checkpoint_gets_a_fresh_head_with_a_notice(tmp_path):
@@ -274,3 +303,36 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
 def test_help():
     result = run_convert("--help")
     assert result.returncode == 0 and "--to-hf" in result.stdout
+
+
+def test_pooler_survives_training_and_reaches_a_classifier(tmp_path):
+    """HuggingFace -> minibert -> masked-LM training -> HuggingFace loses nothing that MLM did
+    not change: the pooler (which MLM never reads) comes back bit-exact, and transformers'
+    BertForSequenceClassification starts from it rather than from a fresh one."""
+    from minibert.train_config import TrainConfig
+    from minibert.trainer import train
+
+    reference = perturbed_hf_model(transformers.BertForPreTraining, **TINY_SHAPE)
+    write_hf_folder(tmp_path / "src", reference.state_dict(), reference.config.to_dict())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (ASSETS / "corpus" / "wikipedia-sample" / "train.txt").read_text(encoding="utf-8")
+    (corpus / "train.txt").write_text(text[:4000], encoding="utf-8")
+    (corpus / "valid.txt").write_text(text[4000:5500], encoding="utf-8")
+    train(TrainConfig(model=str(tmp_path / "src"), data=str(corpus), out_dir=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "cache"), max_seq_length=32, batch_size=4,
+                      max_steps=3, lr=1e-2, warmup_steps=0, precision="fp32", device="cpu",
+                      log_every=1, eval_every=0, save_every=0), environ={})
+    result = run_convert(tmp_path / "run" / "final", tmp_path / "hf", "--to-hf")
+    assert result.returncode == 0, result.stderr
+
+    original = reference.state_dict()
+    classifier, info = transformers.BertForSequenceClassification.from_pretrained(
+        str(tmp_path / "hf"), num_labels=3, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}, info
+    trained = classifier.state_dict()
+    for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias"):
+        assert torch.equal(trained[name], original[name]), name
+    # ... while the weights that MLM trains did change.
+    assert not torch.equal(trained["bert.encoder.layer.0.attention.self.query.weight"],
+                           original["bert.encoder.layer.0.attention.self.query.weight"])

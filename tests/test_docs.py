@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,10 @@ def example_outputs(tmp_path_factory) -> dict[str, str]:
         args = [a.format(tmp=tmp) for a in extra]
         processes[script] = subprocess.Popen(
             [sys.executable, str(DOCS / "examples" / script), "--assets", "../shared/assets",
-             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # An example's sys.path starts at docs/examples: import this checkout's minibert,
+            # not whichever copy is installed.
+            env={**os.environ, "PYTHONPATH": str(REPO)})
     outputs, failures = {}, []
     for script, process in processes.items():
         stdout, stderr = process.communicate(timeout=300)

@@ -229,3 +229,109 @@ def test_console_script_bad_input():
         pytest.skip(f"{script} is not installed (pip install -e . creates it)")
     assert_one_line_error(cli(*BAD_INPUTS["no such folder"], command=(str(script),)),
                           "no such folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# The caller's mode, typed special tokens, several masks shown, bad sentences, --truncate
+
+
+def test_same_answer_in_train_mode_and_mode_left_as_it_was(model, tokenizer):
+    texts = ["Paris is the [MASK] [MASK] of France.", "The capital of France is [MASK]."]
+    expected = fill_masks(model, tokenizer, texts)
+    assert not model.training
+    model.train()  # dropout on, as a caller in the middle of training would leave it
+    try:
+        first, second = fill_masks(model, tokenizer, texts), fill_masks(model, tokenizer, texts)
+        assert model.training
+    finally:
+        model.eval()
+    assert first == second == expected
+    fill_mask(model, tokenizer, texts[1])
+    assert not model.training
+
+
+def test_typed_special_tokens_are_read_as_unk_and_shown(model, tokenizer):
+    unk = fill_mask(model, tokenizer, "Paris is the [MASK] of France. [UNK] It is big.")
+    for typed in ("[SEP]", "[CLS]", "[PAD]"):
+        result = fill_mask(model, tokenizer, f"Paris is the [MASK] of France. {typed} It is big.")
+        assert result["predictions"] == unk["predictions"], typed
+        assert result["filled"] == unk["filled"]
+        assert all("[UNK] it is big." in p["sequence"] for p in result["predictions"])
+
+
+def test_plain_output_shows_the_earlier_picks(model, tokenizer):
+    result = fill_mask(model, tokenizer, "I [MASK] to the [MASK] yesterday to buy some [MASK].",
+                       top_k=2, order="confidence")
+    lines = format_result(result).splitlines()
+    first, second, last = result["filled"]
+    assert lines[1] == "Filled first, each with its most probable token:"
+    for line, pick in zip(lines[2:4], (first, second)):
+        assert line == f"  Position {pick['position']}: '{pick['token']}' | Score: {pick['score']:.4f}"
+    assert lines[4] == f"Top 2 predictions for the last mask (position {last['position']}):"
+    assert len(lines) == 7
+
+
+def test_bad_sentences_are_reported_and_the_others_answered(model, tokenizer, tmp_path,
+                                                             monkeypatch, capsys):
+    file = tmp_path / "sentences.txt"
+    file.write_text("The capital of France is [MASK].\n\nNo mask here.\n"
+                    "[MASK] " + "word " * 600 + "\nI [MASK] to the store.\n")
+    good = ["The capital of France is [MASK].", "I [MASK] to the store.", "A [MASK] day."]
+    expected = fill_masks(model, tokenizer, good)
+    for output in ("plain", "json"):
+        argv = ["minibert-fill-mask", "--model", str(CHECKPOINT), "--file", str(file),
+                "A [MASK] day.", "No mask either."] + (["--json"] if output == "json" else [])
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_status:
+            main()
+        assert exit_status.value.code == 1
+        stdout, stderr = capsys.readouterr()
+        assert stderr.splitlines() == [
+            "error: argument 2: no [MASK] in 'No mask either.'",
+            f"error: {file}:3: no [MASK] in 'No mask here.'",
+            f"error: {file}:4: 603 tokens in '[MASK] word word word word wor...', but the model "
+            f"has only 512 positions (--truncate keeps a window around the masks)"]
+        if output == "plain":
+            assert stdout == "\n\n".join(format_result(r) for r in
+                                         [expected[2], expected[0], expected[1]]) + "\n"
+            continue
+        objects = [json.loads(line) for line in stdout.splitlines()]
+        assert [o["input"] for o in objects] == ["A [MASK] day.", "No mask either.", good[0],
+                                                 "No mask here.", "[MASK] " + "word " * 599 + "word",
+                                                 good[1]]
+        assert objects[0] == expected[2] and objects[2] == expected[0] and objects[5] == expected[1]
+        assert objects[1]["error"] == {"source": "argument 2",
+                                       "message": "no [MASK] in 'No mask either.'"}
+        assert objects[3]["error"]["source"] == f"{file}:3"
+        assert objects[4]["error"]["source"] == f"{file}:4" and "predictions" not in objects[4]
+
+
+def test_truncate_keeps_the_window_around_the_masks(model, tokenizer):
+    long = "word " * 300 + "[MASK] " + "word " * 300  # 603 tokens with [CLS] and [SEP]
+    with pytest.raises(MinibertError, match="--truncate keeps a window"):
+        fill_mask(model, tokenizer, long)
+    result = fill_mask(model, tokenizer, long, truncate=True)
+    # 510 word pieces fit between [CLS] and [SEP]: the mask (piece 300) and 255 pieces before.
+    assert result["truncated"] == {"tokens": 603, "kept": [45, 555]}
+    window = fill_mask(model, tokenizer, "word " * 255 + "[MASK]" + " word" * 254)
+    assert result["predictions"] == window["predictions"]
+    assert result["filled"] == window["filled"]
+    assert format_result(result).splitlines()[1] == (
+        "Truncated: kept word pieces 45-555 of 601, around the masks")
+    # A mask near the start: the window starts at the text's start.
+    start = fill_mask(model, tokenizer, "[MASK] big " + "word " * 600, truncate=True)
+    assert start["truncated"]["kept"] == [0, 510]
+    with pytest.raises(MinibertError, match="masks span 602 tokens"):
+        fill_mask(model, tokenizer, "[MASK] " + "word " * 600 + "[MASK]", truncate=True)
+
+
+def test_cli_truncate_and_help(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["minibert-fill-mask", "--model", str(CHECKPOINT),
+                                      "--truncate", "--json", "word " * 600 + "[MASK]."])
+    with pytest.raises(SystemExit) as exit_status:
+        main()
+    assert exit_status.value.code == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] == {"tokens": 604, "kept": [92, 602]}
+    help_text = cli("--help").stdout
+    assert "--truncate" in help_text and "greedy" in help_text
+    assert '"filled" lists every' in help_text

@@ -81,7 +81,7 @@ def main() -> None:
     state, _ = hf_to_minibert(hf_state)
     print(f"HuggingFace tensors: {len(hf_state)}; minibert tensors: {len(state)}")
     print(f"  index buffers (skipped): {sum(k.endswith('position_ids') for k in hf_state)}; "
-          f"pooler tensors (dropped): {sum(k.startswith('pooler.') for k in hf_state)}; "
+          f"pooler tensors (kept): {sum(k.startswith('pooler.') for k in hf_state)}; "
           f"masked-LM head tensors: {sum(k.startswith('cls.') for k in hf_state)}")
 
     print("== convert_weights.py on both ==")
