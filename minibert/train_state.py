@@ -15,9 +15,13 @@ step and the global batch size, which is stored to check that the resumed run us
 Only dropout draws from torch's RNG (data order and masks have their own seeded generators),
 so the CPU and CUDA generator states of each rank are all the RNG a checkpoint needs.
 
-    out_dir/metrics.jsonl    one JSON object per line: step, train_loss, lr, grad_norm,
-                             tokens_per_s, mfu (when the peak is known), loss_scale (fp16),
-                             and eval_loss, eval_perplexity, eval_accuracy on evaluation lines
+    out_dir/metrics.jsonl    one JSON object per line: step, steps (how many optimizer
+                             steps the line's train_loss and tokens_per_s cover: log_every,
+                             fewer on the first line after a resume and on a final or
+                             evaluation line between two log steps), train_loss, lr,
+                             grad_norm, tokens_per_s, mfu (when the peak is known),
+                             loss_scale (fp16), and eval_loss, eval_perplexity,
+                             eval_accuracy on evaluation lines
 """
 
 from __future__ import annotations
