@@ -56,7 +56,7 @@ BERT_TINY = ASSETS / "checkpoints" / "bert-tiny-splade-mlm"
 CORPUS = ASSETS / "corpus" / "wikipedia-sample"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # per device: what the targets are stated for
-    "cpu": dict(seq=128, batch=8, steps=100, warmup=20, precision="bf16"),
+    "cpu": dict(seq=128, batch=8, steps=60, warmup=20, precision="bf16"),
     "cuda": dict(seq=512, batch=32, steps=60, warmup=20, precision="bf16"),
 }
 
@@ -69,7 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="tokens per block (cpu 128, cuda 512)")
     parser.add_argument("--batch", type=int, help="sequences per micro-batch (cpu 8, cuda 32)")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (cpu 100, cuda 60)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (cpu and cuda 60)")
     parser.add_argument("--warmup", type=int, help="untimed steps at the start of each run "
                         "(default 20; a multiple of 10, the logging interval)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each implementation")
