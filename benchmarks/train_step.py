@@ -58,6 +58,7 @@ class TrainStepArgs:
     warmup: int = 2  # untimed steps per implementation first
     optimizer: str = "fused"  # AdamW implementation, the same for both models
     compile: bool = False  # torch.compile minibert's model (transformers stays eager)
+    compile_mode: str | None = None  # torch.compile's mode: max-autotune, reduce-overhead, ...
     memory: bool = True  # also measure peak memory
     peak_tflops: float | None = None  # overrides the accelerator's table entry / measured matmul
     seed: int = 0  # weights and batch
@@ -111,6 +112,9 @@ def make_step(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]
               args: TrainStepArgs, device: torch.device):
     """A closure that runs forward, backward and the optimizer step once."""
     input_ids, attention_mask, labels = batch
+    # minibert's trainer gathers the masked positions with a fixed (batch, k) shape, k the
+    # most targets in a row, counted on the CPU side (here once, before the timed steps).
+    max_targets = int((labels != -100).sum(dim=1).max())
     optimizer = make_optimizer(model, args.optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     autocast = (torch.autocast(device.type, DTYPES[args.precision])
@@ -120,7 +124,7 @@ def make_step(name: str, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]
     def step() -> None:
         with autocast:
             if name == "minibert":  # labels given: the head runs at masked positions only
-                loss = model(input_ids, attention_mask, labels=labels)
+                loss = model(input_ids, attention_mask, labels=labels, max_targets=max_targets)
             else:
                 loss = model(input_ids=input_ids, attention_mask=attention_mask,
                              labels=labels).loss
@@ -162,7 +166,7 @@ def measure_memory_here(args: TrainStepArgs, device: torch.device) -> None:
     _, models, batch = build(args, device, only=args.memory_of)
     model = models[args.memory_of]
     if args.compile and args.memory_of == "minibert":
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile_mode)
     step = make_step(args.memory_of, model, batch, args, device)
     for _ in range(max(args.warmup, 1)):
         step()
@@ -192,12 +196,14 @@ def run(args: TrainStepArgs, argv: list[str]) -> None:
           f"{config.hidden_size}, {config.num_attention_heads} heads, intermediate "
           f"{config.intermediate_size}, vocab {config.vocab_size}), seq {args.seq} x batch "
           f"{args.batch}, {args.precision}, {where}, AdamW {args.optimizer}, torch "
-          f"{torch.__version__}{', minibert compiled' if args.compile else ''}")
+          f"{torch.__version__}"
+          f"{', minibert compiled' if args.compile else ''}"
+          f"{f' (mode {args.compile_mode})' if args.compile and args.compile_mode else ''}")
     losses = starting_losses(models, batch)
     print("loss before training (eval mode, fp32): "
           + "  ".join(f"{name} {loss:.6f}" for name, loss in losses.items()))
     if args.compile:
-        models["minibert"] = torch.compile(models["minibert"])
+        models["minibert"] = torch.compile(models["minibert"], mode=args.compile_mode)
     steps = {name: make_step(name, model, batch, args, device) for name, model in models.items()}
     probe = MatmulProbe(DTYPES[args.precision], device)
     seconds = interleaved({**steps, "matmul": probe}, args.steps, args.warmup, device)
@@ -247,6 +253,8 @@ def parse_args(argv: list[str]) -> TrainStepArgs:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
                         help="AdamW implementation, used by both models")
     parser.add_argument("--compile", action="store_true", help="torch.compile minibert")
+    parser.add_argument("--compile-mode", help="torch.compile mode for --compile: "
+                        "max-autotune, reduce-overhead (CUDA graphs), ...")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory measurement")
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU")

@@ -3,7 +3,9 @@
 torchrun starts one process per device and tells each its place through environment
 variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The script hands those
 variables to `launch_from_env`; `init` joins the process group: NCCL between CUDA devices,
-gloo between CPU processes. A plain `python train.py` sets none of them and runs as rank 0 of
+gloo between CPU processes (dist_backend "auto"). gloo also works between CUDA processes, and
+lets several of them share one GPU, which NCCL refuses: a way to run the N-process CUDA path
+on a machine with one GPU. A plain `python train.py` sets none of them and runs as rank 0 of
 1 without any process group: every helper below then does the single-process thing (sum over
 one rank = the value itself), so one training loop serves 1 process and N processes.
 
@@ -52,14 +54,27 @@ def launch_from_env(environ: Mapping[str, str]) -> Launch:
     return launch
 
 
-def init(launch: Launch, device_type: str) -> torch.device:
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def init(launch: Launch, device_type: str, backend: str = "auto") -> torch.device:
     """Join the process group (when there is more than one process) and return this
-    process's device: cuda:LOCAL_RANK on GPUs, cpu otherwise."""
+    process's device: cuda:LOCAL_RANK on GPUs, cpu otherwise.
+
+    backend "auto" is NCCL on GPUs and gloo on CPUs. With "gloo" on GPUs, processes beyond the
+    number of GPUs share them (LOCAL_RANK modulo the GPU count)."""
+    if backend not in BACKENDS:
+        raise MinibertError(f"dist_backend must be one of {'|'.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise MinibertError("dist_backend nccl needs CUDA devices; use gloo (or auto) on CPUs")
     if device_type == "cuda":
-        if launch.local_rank >= torch.cuda.device_count():
-            raise MinibertError(f"LOCAL_RANK {launch.local_rank} but only "
-                                f"{torch.cuda.device_count()} CUDA devices are visible")
-        device = torch.device("cuda", launch.local_rank)
+        count = torch.cuda.device_count()
+        if launch.local_rank >= count and backend == "nccl":
+            raise MinibertError(f"LOCAL_RANK {launch.local_rank} but only {count} CUDA devices "
+                                f"are visible (dist_backend gloo lets processes share a GPU)")
+        device = torch.device("cuda", launch.local_rank % count)
         torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
     else:
         device = torch.device("cpu")
@@ -67,10 +82,9 @@ def init(launch: Launch, device_type: str) -> torch.device:
         # init_method "env://" reads MASTER_ADDR / MASTER_PORT (set by torchrun) itself.
         # The timeout only bounds collectives; data preparation never waits in one (the
         # tokenized-data cache is guarded by a file lock, not a barrier).
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                init_method="env://", rank=launch.rank,
+        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
                                 world_size=launch.world_size, timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if backend == "nccl" else None)
     return device
 
 
@@ -98,6 +112,60 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+class StopVote:
+    """Agree across ranks on stopping, without making the GPU wait for the host.
+
+    Every rank must stop at the same step, or the others would wait forever in the next
+    collective. A vote read at once (all-reduce, then .item()) makes the host wait until the
+    GPU has finished all the work queued so far, every step. Instead each step's vote is
+    started as an asynchronous all-reduce and read at the next step, when it is long done
+    (on a GPU: once the device has passed it, which is before the previous step's compute).
+    So every rank stops one step after the request, at the same step. In one process there
+    is nothing to agree on: the request is answered at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._pending: tuple | None = None  # (work, host tensor, CUDA event or None)
+
+    def __call__(self, requested: bool) -> bool:
+        """Cast this step's vote; True when some rank asked to stop at the previous one."""
+        if not dist.is_initialized():
+            return requested
+        stop = self._result()
+        # NCCL reduces device tensors only; gloo takes the host tensor, no device involved.
+        on_device = dist.get_backend() == "nccl"
+        vote = torch.tensor([int(requested)], dtype=torch.int32)
+        if on_device:
+            vote = vote.pin_memory().to(self._device, non_blocking=True)
+        work = dist.all_reduce(vote, op=dist.ReduceOp.SUM, async_op=True)
+        event = None
+        if on_device:
+            work.wait()  # for NCCL: the current stream waits for the reduction, the host not
+            host = torch.empty(1, dtype=torch.int32).pin_memory()
+            host.copy_(vote, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            vote, work = host, None
+        self._pending = (work, vote, event)
+        return stop
+
+    def _result(self) -> bool:
+        if self._pending is None:
+            return False
+        work, vote, event = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()  # waits only until the GPU passed the vote, not for the queue
+        return int(vote[0]) > 0
+
+    def close(self) -> None:
+        """Wait for a vote still in flight (every rank started it, so none is left hanging)."""
+        self._result()
 
 
 def all_gather_object(value: Any) -> list[Any]:

@@ -17,16 +17,26 @@ Masked-LM head, per position it is computed at (only the masked ones in training
 
 from __future__ import annotations
 
+import re
+
 from .model import BertConfig
 
-# Dense peak TFLOP/s (no sparsity) of common accelerators, by the precision that matmuls run in.
-# fp32 on A100/H100 means true fp32; PyTorch's default keeps TF32 off for matmuls.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "T4": {"fp16": 65.0, "fp32": 8.1},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-}
+# Dense peak TFLOP/s (no sparsity: half the datasheet's "with sparsity" figure) of common
+# accelerators, by the precision that matmuls run in, from NVIDIA's datasheets. fp32 on
+# A100/H100 means true fp32; PyTorch's default keeps TF32 off for matmuls. One chip name covers
+# boards with different peaks (an H100 PCIe card runs at 76% of an SXM module's), and "T4"
+# is part of "T400", a small workstation card without tensor cores: so each entry is a pattern
+# matched on whole words of torch.cuda.get_device_name(), the most specific first.
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    # (pattern, board, peaks)           e.g. the device name
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (r"\bH100\b.*\bPCIE\b", "H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    (r"\bH100\b", "H100 SXM", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # H100 80GB HBM3
+    (r"\bH200\b.*\bNVL\b", "H200 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (r"\bG?H200\b", "H200 / GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    (r"\bA100\b", "A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),  # SXM4 and PCIe alike
+    (r"\bT4\b", "T4", {"fp16": 65.0, "fp32": 8.1}),  # Tesla T4; not the T400
+]
 
 
 def forward_flops(config: BertConfig, seq_len: int, head_positions: float) -> float:
@@ -45,9 +55,10 @@ def training_flops_per_token(config: BertConfig, seq_len: int,
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    """Peak TFLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
-    for chip, peaks in PEAK_TFLOPS.items():
-        if chip in device_name.upper():
+    """Peak TFLOP/s for a device name such as 'NVIDIA H100 80GB HBM3', or None if unknown
+    (then MFU is not reported, unless the run's peak_tflops setting gives the peak)."""
+    for pattern, _, peaks in PEAK_TFLOPS:
+        if re.search(pattern, device_name.upper()):
             return peaks.get(precision)
     return None
 

@@ -283,29 +283,51 @@ class BertForMaskedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", max_targets: int | None = None) -> torch.Tensor:
         """Without labels: logits (batch, seq, vocab). With labels (-100 = not masked): the
-        cross-entropy over the masked positions, averaged ("mean") or summed ("sum")."""
+        cross-entropy over the masked positions, averaged ("mean") or summed ("sum").
+        max_targets: see masked_logits."""
         if labels is None:
             hidden = self.bert(input_ids, attention_mask, token_type_ids)
             return self.mlm_head(hidden, self.word_embeddings)
-        logits, targets = self.masked_logits(input_ids, labels, attention_mask, token_type_ids)
+        logits, targets = self.masked_logits(input_ids, labels, attention_mask, token_type_ids,
+                                             max_targets)
+        # Targets of -100 (padding of the fixed-shape path) are ignored, in "mean" too.
         return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
     def masked_logits(self, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: torch.Tensor | None = None,
                       token_type_ids: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the masked positions only: ((num_masked, vocab), targets (num_masked,)).
 
         Only ~15% of positions carry a label, and the vocabulary projection is the largest
         matrix multiply in the model (21% of bert-base's training FLOPs over all positions,
         most of a small model's). Gathering the masked positions first skips the other 85%.
+
+        Two ways to gather them, the same logits and loss:
+        - max_targets None: boolean indexing, hidden[labels != -100]. Its size depends on the
+          data, so on a GPU the host must wait to learn it (a sync per call), and
+          torch.compile has to break the graph around it.
+        - max_targets k, at least the number of targets of every row (the trainer counts
+          them on the CPU-side labels): the first k positions of each row in the order
+          "targets first", a fixed (batch, k) shape. Rows with fewer than k targets fill up
+          with unlabelled positions whose target is -100, which cross_entropy ignores. Full
+          training blocks all carry exactly round(p * (seq - 2)) targets, so nothing is
+          filled and nothing wasted; rows that differ (padding, whole-word masking) cost
+          k - (their targets) extra head positions each.
         """
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (batch, seq, hidden)
-        is_masked = labels != -100  # (batch, seq)
-        logits = self.mlm_head(hidden[is_masked], self.word_embeddings)  # (num_masked, vocab)
-        return logits, labels[is_masked]
+        if max_targets is None:
+            is_masked = labels != -100  # (batch, seq)
+            logits = self.mlm_head(hidden[is_masked], self.word_embeddings)  # (num_masked, vocab)
+            return logits, labels[is_masked]
+        # A stable sort of "is not a target" puts each row's targets first, in position order.
+        positions = (labels == -100).to(torch.int8).argsort(dim=1, stable=True)[:, :max_targets]
+        targets = labels.gather(1, positions)  # (batch, k)
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.mlm_head(picked, self.word_embeddings)  # (batch, k, vocab)
+        return logits.flatten(0, 1), targets.flatten()  # (batch * k, vocab), (batch * k,)
 
     @property
     def word_embeddings(self) -> torch.Tensor:

@@ -70,6 +70,7 @@ class TrainConfig:
     device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
     dropout: float | None = None  # override hidden and attention dropout (None: the model's)
     compile: bool = False  # torch.compile the training model: faster GPU steps after compiling
+    dist_backend: str = "auto"  # auto|nccl|gloo between processes; auto: nccl on GPUs, else gloo
     mlm_probability: float = 0.15  # fraction of each block's tokens that are prediction targets
     whole_word_mask: bool = False  # mask whole words, never part of one (training and evaluation)
     seed: int = 0  # seeds data order, training masks, dropout and new weights (init, MLM head)

@@ -18,10 +18,14 @@ step and the global batch size, which is stored to check that the resumed run us
 Only dropout draws from torch's RNG (data order and masks have their own seeded generators),
 so the CPU and CUDA generator states of each rank are all the RNG a checkpoint needs.
 
-    out_dir/metrics.jsonl    one JSON object per line: step, train_loss, lr, grad_norm,
-                             tokens_per_s, mfu (when the peak is known), loss_scale (fp16),
-                             and eval_loss, eval_perplexity, eval_accuracy on evaluation lines;
-                             global_batch and tokens (seen by this step) on every line
+    out_dir/metrics.jsonl    one JSON object per line: step, steps (how many optimizer
+                             steps the line's train_loss and tokens_per_s cover: log_every,
+                             fewer on the first line after a resume and on a final or
+                             evaluation line between two log steps), train_loss, lr,
+                             grad_norm, tokens_per_s, mfu (when the peak is known),
+                             loss_scale (fp16), and eval_loss, eval_perplexity,
+                             eval_accuracy on evaluation lines; global_batch and tokens
+                             (seen by this step) on every line
 """
 
 from __future__ import annotations
@@ -186,6 +190,7 @@ RESUME_CHANGE_WARNS = {  # accepted, and one line at resume says what the change
     "weight_decay": "applied from the next step on",
     "precision": "the steps differ from the stopped run's by rounding",
     "device": "the steps differ from the stopped run's by rounding",
+    "dist_backend": "the steps differ from the stopped run's by rounding",
     "compile": "the steps differ from the stopped run's by rounding",
     "eval_seed": "evaluations are not comparable with the earlier ones",
     "eval_max_blocks": "evaluations are not comparable with the earlier ones",

@@ -40,14 +40,14 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .batches import BatchLayout, step_batch
+from .batches import BatchLayout, Prefetcher, StepBatch
 from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
-from .distributed import all_reduce_sum, is_main, print0
+from .distributed import StopVote, all_reduce_sum, is_main, print0
 from .errors import MinibertError, StopNow
 from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
-from .masking import IGNORE_INDEX, make_masker
+from .masking import make_masker
 from .model import BertForMaskedLM
 from .precision import autocast, precision_warning, resolve_precision
 from .safe_write import remove_folder, tidy
@@ -109,7 +109,7 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise MinibertError("device cuda: no CUDA device is visible")
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device = distributed.init(launch, "cuda" if use_cuda else "cpu")
+    device = distributed.init(launch, "cuda" if use_cuda else "cpu", config.dist_backend)
     precision = resolve_precision(config.precision, device)
     if warning := precision_warning(precision, device):
         print0(warning)
@@ -213,8 +213,10 @@ def build(config: TrainConfig, run: Run) -> Trainee:
     model = model.to(run.device)
     ddp_model = distributed.wrap_model(model, run.device)
     if config.compile:
-        # Compiled after the DDP wrap, so that the compiler sees DDP's gradient buckets.
-        # Evaluation and saving keep using the plain module.
+        # Compiled after the DDP wrap, so that the compiler sees DDP's gradient buckets (it
+        # splits the graph at them, to overlap the all-reduce with the backward). With the
+        # fixed-shape head (optimizer_step passes max_targets) the training forward is one
+        # graph without a break. Evaluation and saving keep using the plain module.
         ddp_model = torch.compile(ddp_model)
 
     # fused=True: one kernel updates every parameter (bert-base, 2 CPU cores: 96 ms a step
@@ -329,11 +331,13 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: torch.Tensor,
+def optimizer_step(run: Run, trainee: Trainee, batch: StepBatch,
                    global_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's micro-batches, then one AdamW update.
 
-    Returns (this rank's summed NLL over the step, gradient norm before clipping)."""
+    Returns (this rank's summed NLL over the step, gradient norm before clipping), both still
+    on the device: reading them would make the host wait for the GPU (the loop does it only
+    when it writes a log line)."""
     config, ddp_model, scaler = run.config, trainee.ddp_model, trainee.scaler
     ddp_model.train()
     step_nll = torch.zeros((), dtype=torch.float64, device=run.device)
@@ -341,8 +345,11 @@ def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: tor
         last_micro = micro == config.grad_accum - 1
         with distributed.no_sync(ddp_model, skip=not last_micro):
             with autocast(run.device, run.precision):
-                # Training blocks are full (no padding): no attention mask is needed.
-                nll = ddp_model(inputs[micro], labels=labels[micro], reduction="sum")
+                # Training blocks are full (no padding): no attention mask is needed. The
+                # head runs at a fixed (batch, max_targets) gather of the masked positions:
+                # no data-dependent shape, so no sync and no graph break (masked_logits).
+                nll = ddp_model(batch.inputs[micro], labels=batch.labels[micro],
+                                reduction="sum", max_targets=batch.max_targets)
             # The step's mean over all its masked tokens, x world_size to undo DDP's average
             # (see the module docstring). The scaler multiplies by the fp16 loss scale.
             scaler.scale(nll * run.launch.world_size / global_count).backward()
@@ -350,7 +357,9 @@ def optimizer_step(run: Run, trainee: Trainee, inputs: torch.Tensor, labels: tor
     scaler.unscale_(trainee.optimizer)  # true gradients, so the clip threshold means what it says
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(),
                                                config.max_grad_norm or float("inf"))
-    scaler.step(trainee.optimizer)  # skipped when an fp16 gradient overflowed to inf/NaN
+    # Skipped when an fp16 gradient overflowed to inf/NaN. Fused AdamW reads the scaler's
+    # overflow flag on the device; other optimizers would make the scaler read it on the host.
+    scaler.step(trainee.optimizer)
     scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
     trainee.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
@@ -385,8 +394,14 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
 
     metrics.jsonl gets a line at step 0 (evaluation only), every log_every steps and at every
     evaluation. Its train_loss is the loss over all masked tokens of all ranks in the steps
-    since the previous line: that step's own loss when log_every is 1. (After a resume the
-    first line covers the steps since the checkpoint only.)"""
+    since the previous line: that step's own loss when log_every is 1. Its "steps" says how
+    many optimizer steps the line covers (after a resume the first line covers the steps
+    since the checkpoint only).
+
+    Between two log lines the loop never makes the host wait for a GPU: the batches come
+    from a background thread (batches.Prefetcher), the masked-token counts from the CPU-side
+    labels, the stop vote is read one step late (distributed.StopVote), and loss and gradient
+    norm stay on the device until a log line reads them."""
     model, scheduler, scaler, device = trainee.model, trainee.scheduler, trainee.scaler, run.device
     world, total_steps, seq_len = run.launch.world_size, run.total_steps, config.max_seq_length
     step = trainee.start_step
@@ -440,19 +455,24 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     window_steps, window_seconds = 0, 0.0  # seconds of training steps only (no eval, no save)
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
                disable=not is_main(), dynamic_ncols=True)
-    with StopRequest() as stop:
+    # On a GPU the next steps are masked in a background thread while the device computes;
+    # on a CPU that thread would only take cores from the step itself.
+    ahead = 2 if device.type == "cuda" else 0
+    vote = StopVote(device)
+    with StopRequest() as stop, Prefetcher(run.train_blocks, run.layout, run.mask,
+                                           range(step, total_steps), device, ahead) as batches:
         while step < total_steps:
             step_start = time.perf_counter()
-            inputs, labels = step_batch(run.train_blocks, run.layout, run.mask, step, device)
-            # One all-reduce carries both the masked-token count of this step over all ranks
-            # and whether any rank was asked to stop, so that all ranks stop at the same step.
-            local = torch.stack([(labels != IGNORE_INDEX).sum(),
-                                 torch.tensor(int(stop.requested), device=device)])
-            global_count, stop_votes = all_reduce_sum(local).unbind()
-            if stop_votes.item() > 0:
+            # Every rank must stop at the same step; in several processes the vote is read
+            # one step after it was cast, so a request made during step t stops after t + 1.
+            if vote(stop.requested):
                 break
+            batch = next(batches)
+            # The step's masked tokens over all ranks: every micro-batch's loss is divided by
+            # it. Counted on the CPU, summed on the device without the host waiting.
+            global_count = all_reduce_sum(batch.count)
             lr = scheduler.get_last_lr()[0]
-            step_nll, grad_norm = optimizer_step(run, trainee, inputs, labels, global_count)
+            step_nll, grad_norm = optimizer_step(run, trainee, batch, global_count)
             step += 1
             window_nll += step_nll
             window_count += global_count
@@ -464,8 +484,8 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
                 train_loss = (all_reduce_sum(window_nll) / window_count).item()  # waits for GPU
                 window_seconds += time.perf_counter() - step_start
                 tokens_per_s = window_steps * run.global_batch_size * seq_len / window_seconds
-                record = {"step": step, "train_loss": train_loss, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+                record = {"step": step, "steps": window_steps, "train_loss": train_loss,
+                          "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
                 achieved = mfu(tokens_per_s / world, flops_per_token, peak)
                 if achieved is not None:
                     record["mfu"] = achieved
@@ -483,6 +503,7 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
                 window_seconds += time.perf_counter() - step_start
             if config.save_every and step % config.save_every == 0:
                 save(step)
+        vote.close()
         bar.close()
         # Still under StopRequest: a first signal now lets these saves finish, a second one
         # stops at once, and no write leaves anything half-done either way.

@@ -38,18 +38,30 @@ def full_head_loss(model, ids, attention_mask, labels, reduction="mean"):
                            ignore_index=-100, reduction=reduction)
 
 
+def most_targets(labels: torch.Tensor) -> int:
+    """The largest number of targets in a row: the fixed-shape head's smallest valid k."""
+    return int((labels != -100).sum(dim=1).max())
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_masked_head_loss_and_gradients_equal_the_full_head(padded, reduction):
+@pytest.mark.parametrize("gather", ["boolean", "fixed k", "fixed k + 3"])
+def test_masked_head_loss_and_gradients_equal_the_full_head(padded, reduction, gather):
+    # The rows of masked_batch have different numbers of targets: the fixed-shape path
+    # must fill the shorter rows with ignored positions and still give the same loss.
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(**CONFIG)).eval()
     ids, attention_mask, labels = masked_batch(padded=padded)
+    assert len(set((labels != -100).sum(dim=1).tolist())) > 1
+    max_targets = {"boolean": None, "fixed k": most_targets(labels),
+                   "fixed k + 3": most_targets(labels) + 3}[gather]
 
     full = full_head_loss(model, ids, attention_mask, labels, reduction)
     full.backward()
     full_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    masked = model(ids, attention_mask, labels=labels, reduction=reduction)
+    masked = model(ids, attention_mask, labels=labels, reduction=reduction,
+                   max_targets=max_targets)
     masked.backward()
 
     assert abs(masked.item() - full.item()) <= 1e-5 * max(1.0, abs(full.item()))
@@ -79,9 +91,43 @@ def test_masked_logits_are_the_full_logits_at_the_masked_positions():
     torch.testing.assert_close(logits, full[is_masked], atol=1e-5, rtol=1e-5)
     assert torch.equal(targets, labels[is_masked])
 
+    # Fixed shape: the same logits and targets in the same order, then the filling.
+    with torch.no_grad():
+        logits_k, targets_k = model.masked_logits(ids, labels, attention_mask,
+                                                  max_targets=most_targets(labels))
+    kept = targets_k != -100
+    torch.testing.assert_close(logits_k[kept], full[is_masked], atol=1e-5, rtol=1e-5)
+    assert torch.equal(targets_k[kept], labels[is_masked])
+
+
+def full_blocks_batch(batch: int = 4, seq: int = 24):
+    """Rows with the same number of targets each, as the trainer's full blocks have."""
+    ids, _, labels = masked_batch(batch, seq)
+    order = torch.rand(batch, seq, generator=torch.Generator().manual_seed(5)).argsort(dim=1)
+    chosen = torch.zeros(batch, seq, dtype=torch.bool).scatter_(1, order[:, :4], True)
+    return ids, torch.where(chosen, ids, -100)
+
+
+def test_training_forward_compiles_to_one_graph_with_the_fixed_shape_head():
+    # Boolean indexing has a data-dependent size: torch.compile breaks the graph around it
+    # (and a GPU waits for the host). The fixed-shape gather keeps one graph.
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(**CONFIG, hidden_dropout_prob=0.1,
+                                       attention_probs_dropout_prob=0.1)).train()
+    ids, labels = full_blocks_batch()
+    torch._dynamo.reset()
+    fixed = torch._dynamo.explain(model)(ids, labels=labels, reduction="sum", max_targets=4)
+    assert (fixed.graph_count, fixed.graph_break_count) == (1, 0), fixed.break_reasons
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        boolean = torch._dynamo.explain(model)(ids, labels=labels, reduction="sum")
+    assert boolean.graph_break_count > 0  # what the fixed path avoids
+    torch._dynamo.reset()
+
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_loss_equals_transformers_on_the_same_batch_and_weights(padded):
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_loss_equals_transformers_on_the_same_batch_and_weights(padded, fixed_shape):
     transformers = pytest.importorskip("transformers")
     config = BertConfig(**CONFIG)
     torch.manual_seed(0)
@@ -94,7 +140,8 @@ def test_loss_equals_transformers_on_the_same_batch_and_weights(padded):
 
     expected = reference(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
     expected.backward()
-    actual = model(ids, attention_mask, labels=labels)
+    actual = model(ids, attention_mask, labels=labels,
+                   max_targets=most_targets(labels) if fixed_shape else None)
     actual.backward()
 
     assert abs(actual.item() - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))

@@ -1,0 +1,147 @@
+"""The training loop's own machinery on CPU: how many steps each metrics line covers, the
+stop vote across processes, torch.compile as a tested path (1 process, fp16 with the
+GradScaler, 2-process gloo DDP) and the choice of process-group backend."""
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from minibert import MinibertError
+from minibert.distributed import Launch, StopVote, init
+from minibert.train_state import step_checkpoints
+from minibert.trainer import train
+from test_train import (by_step, cache_dir, config_flags, make_config, read_metrics,  # noqa: F401
+                        run_cli, tiny_corpus, tiny_model)
+
+
+def test_every_metrics_line_says_how_many_steps_it_covers(make_config):
+    config = make_config("steps", max_steps=7, log_every=3, eval_every=0, save_every=4,
+                         keep_last=0)
+    train(config, environ={})
+    lines = [r for r in read_metrics(config.out_dir) if "train_loss" in r]
+    assert [(r["step"], r["steps"]) for r in lines] == [(3, 3), (6, 3), (7, 1)]
+
+    # Resumed at step 4, the first line (step 6) covers steps 5 and 6 only, and says so.
+    train(replace(config, resume=str(step_checkpoints(config.out_dir)[0])), environ={})
+    assert step_checkpoints(config.out_dir)[0].name == "step-4"
+    lines = [r for r in read_metrics(config.out_dir) if "train_loss" in r]
+    assert [(r["step"], r["steps"]) for r in lines] == [(3, 3), (6, 2), (7, 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the stop vote
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vote_in_two_processes(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init(Launch(rank=rank, world_size=2), "cpu")
+    vote = StopVote(torch.device("cpu"))
+    # Rank 1 alone is asked to stop during step 2; both ranks learn it at step 3.
+    answers = [vote(rank == 1 and step >= 2) for step in range(5)]
+    vote.close()
+    dist.destroy_process_group()
+    results[rank] = answers
+
+
+def test_stop_vote_is_read_one_step_later_by_every_rank():
+    results = mp.Manager().dict()
+    mp.spawn(vote_in_two_processes, args=(free_port(), results), nprocs=2)
+    assert results[0] == results[1] == [False, False, False, True, True]
+
+
+def test_stop_vote_in_one_process_answers_at_once():
+    vote = StopVote(torch.device("cpu"))
+    assert [vote(r) for r in (False, True, False)] == [False, True, False]
+
+
+def test_dist_backend_choices_are_checked():
+    with pytest.raises(MinibertError, match="nccl needs CUDA"):
+        init(Launch(), "cpu", "nccl")
+    with pytest.raises(MinibertError, match="dist_backend must be one of"):
+        init(Launch(), "cpu", "mpi")
+    assert init(Launch(), "cpu", "gloo") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.fixture
+def fresh_compiler():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def assert_runs_match(a: list[dict], b: list[dict], rel: float) -> None:
+    for key in ("train_loss", "grad_norm", "eval_loss"):
+        x, y = by_step(a, key), by_step(b, key)
+        assert x.keys() == y.keys() and x, key
+        assert all(x[k] == pytest.approx(y[k], rel=rel) for k in x), (key, x, y)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_compiled_steps_match_eager(make_config, fresh_compiler, precision):
+    # fp16 is the T4's path: autocast plus the GradScaler, whose overflow check runs inside
+    # fused AdamW. Dropout is off: compiled code draws its random numbers differently.
+    settings = dict(max_steps=3, eval_every=3, precision=precision, dropout=0.0)
+    runs = {}
+    for compiled in (False, True):
+        config = make_config(f"{precision}-compiled-{compiled}", compile=compiled, **settings)
+        summary = train(config, environ={})
+        assert summary["step"] == 3
+        runs[compiled] = read_metrics(config.out_dir)
+    assert_runs_match(runs[True], runs[False], rel=1e-4 if precision == "fp32" else 2e-3)
+
+
+def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
+    two = make_config("compiled-two-processes", batch_size=1, max_steps=3, eval_every=3,
+                      compile=True)
+    result = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node=2", "train.py", *config_flags(two)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = make_config("eager-one-process", batch_size=2, max_steps=3, eval_every=3)
+    train(one, environ={})
+    assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the end-to-end benchmark and the GPU session script, as far as a CPU runs them
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_trainer_runs_both_loops_and_prints_the_ratio():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/trainer.py", "--device", "cpu", "--seq", "32", "--batch",
+         "2", "--grad-accum", "2", "--steps", "20", "--warmup", "10", "--rounds", "1",
+         "--step-baseline"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("minibert step alone (train_step.py)") for line in lines)
+    assert lines[-1].startswith("ratio minibert/transformers tokens/s, whole training loop: ")
+    assert float(lines[-1].rsplit(" ", 1)[1].rstrip("x")) > 0
+
+
+def test_gpu_session_script_parses_and_benchmark_help_works():
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu_session.sh"], cwd=REPO).returncode == 0
+    result = subprocess.run([sys.executable, "benchmarks/trainer.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
