@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 import signal
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -44,13 +43,14 @@ from .batches import BatchLayout, Prefetcher, StepBatch
 from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
 from .distributed import StopVote, all_reduce_sum, is_main, print0
-from .errors import MinibertError, StopNow
+from .errors import MinibertError
 from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
 from .masking import make_masker
 from .model import BertForMaskedLM
 from .precision import autocast, precision_warning, resolve_precision
 from .safe_write import remove_folder, tidy
+from .stopping import StopRequest
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .train_state import (DataPosition, MetricsFile, compare_configs, load_training_state, prune,
@@ -291,44 +291,6 @@ def restore(run: Run, optimizer, scheduler, scaler) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # fit
-
-
-class StopRequest:
-    """SIGTERM or Ctrl-C. The first sets `requested`: the loop saves a checkpoint at the next
-    step boundary and stops. A second stops at once, wherever the run is (in an evaluation, in
-    a save): the handler raises StopNow, and the writes in progress delete their temporaries on
-    the way out; from then on the signals have their default effect, so a third one ends the
-    process even inside a collective that never returns.
-
-    torchrun starts its workers in a session of their own: Ctrl-C in the terminal reaches
-    torchrun, which sends each worker one SIGINT (SIGTERM when it got SIGTERM), waits 30 s, then
-    sends SIGKILL. Handlers can only be installed from the main thread; elsewhere this does
-    nothing.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signum: int | None = None  # the signal that asked for the stop
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            for other in self._previous:
-                signal.signal(other, signal.SIG_DFL)
-            raise StopNow(signum)
-        self.requested, self.signum = True, signum
-        print0(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then "
-               f"stopping (a second one stops at once, without saving)")
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def optimizer_step(run: Run, trainee: Trainee, batch: StepBatch,
