@@ -4,9 +4,7 @@ the whole training loop (1 vs 2 processes, resume)."""
 
 import json
 import math
-import os
 import shutil
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,9 +18,9 @@ from minibert.batches import step_batch
 from minibert.checkpoint import init_model, random_init, read_checkpoint
 from minibert.masking import IGNORE_INDEX, word_starts
 from minibert.train_config import parse_config
-from minibert.trainer import build, fit, setup, train
-from test_train import (ASSETS, by_step, cache_dir, config_flags, make_config,  # noqa: F401
-                        max_difference, read_metrics, run_cli, tiny_corpus, tiny_model)
+from minibert.trainer import setup, train
+from test_train import (ASSETS, by_step, cache_dir, config_flags, fit_with,  # noqa: F401
+                        make_config, max_difference, sigterm_at, read_metrics, run_cli, tiny_corpus, tiny_model)
 
 MINILM = ASSETS / "checkpoints" / "minilm-l6-h384-uncased"  # a BertModel: no masked-LM head
 VOCAB_ONLY = ASSETS / "tokenizer" / "bert-base-uncased"  # vocab.txt alone
@@ -247,18 +245,7 @@ def test_whole_word_resume_of_a_random_init_run_reproduces_it(make_config, confi
     train(make_config("wwm-uninterrupted", **settings), environ={})
 
     config = make_config("wwm-interrupted", **settings)
-    run = setup(config, environ={})
-    trainee = build(config, run)
-    forwards = []
-
-    def send_sigterm_during_step_3(module, args):
-        forwards.append(1)
-        if len(forwards) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    handle = trainee.model.register_forward_pre_hook(send_sigterm_during_step_3)
-    summary = fit(config, run, trainee)
-    handle.remove()
+    summary = fit_with(config, on_forward=sigterm_at(3))
     assert summary["stopped"] and summary["step"] == 3
     summary = train(replace(config, resume="latest"), environ={})
     assert not summary["stopped"] and summary["start_step"] == 3

@@ -25,36 +25,8 @@ from minibert.train_config import TrainConfig
 from minibert.train_state import (RESUME_CHANGE_WARNS, RESUME_MAY_CHANGE, RESUME_MUST_MATCH,
                                   load_training_state, step_checkpoints)
 from minibert.trainer import build, fit, setup, train
-from test_train import (REPO, by_step, cache_dir, config_flags, make_config,  # noqa: F401
-                        max_difference, read_metrics, run_cli, tiny_corpus, tiny_model)
-
-
-def fit_with(config: TrainConfig, on_forward=None, prepare=None) -> dict:
-    """setup -> build -> fit, calling on_forward(n) before the n-th training forward (1-based)
-    and prepare(trainee) before fit."""
-    run = setup(config, environ={})
-    trainee = build(config, run)
-    if prepare:
-        prepare(trainee)
-    forwards = []
-
-    def hook(module, args):
-        forwards.append(1)
-        if on_forward:
-            on_forward(len(forwards))
-
-    handle = trainee.model.register_forward_pre_hook(hook)
-    try:
-        return fit(config, run, trainee)
-    finally:
-        handle.remove()
-
-
-def sigterm_at(forward: int):
-    def on_forward(n):
-        if n == forward:
-            os.kill(os.getpid(), signal.SIGTERM)
-    return on_forward
+from test_train import (REPO, by_step, cache_dir, config_flags, fit_with, make_config,  # noqa: F401
+                        max_difference, sigterm_at, read_metrics, run_cli, tiny_corpus, tiny_model)
 
 
 def hidden_entries(out_dir) -> list[Path]:

@@ -102,6 +102,36 @@ def config_flags(config: TrainConfig) -> list[str]:
     return flags
 
 
+def fit_with(config: TrainConfig, on_forward=None, prepare=None) -> dict:
+    """setup -> build -> fit, calling on_forward(n) before the n-th training forward (1-based)
+    and prepare(trainee) before fit."""
+    run = setup(config, environ={})
+    trainee = build(config, run)
+    if prepare:
+        prepare(trainee)
+    forwards = []
+
+    def hook(module, args):
+        forwards.append(1)
+        if on_forward:
+            on_forward(len(forwards))
+
+    handle = trainee.model.register_forward_pre_hook(hook)
+    try:
+        return fit(config, run, trainee)
+    finally:
+        handle.remove()
+
+
+def sigterm_at(forward: int):
+    """An on_forward for fit_with: SIGTERM during that training forward. The handler lets the
+    step finish, then the run saves a checkpoint and stops."""
+    def on_forward(n):
+        if n == forward:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_forward
+
+
 # ---------------------------------------------------------------------------------------------
 # 1 process x 2b == 2 processes x b == 1 process x b x grad_accum 2
 
@@ -176,18 +206,8 @@ def test_resume_reproduces_the_uninterrupted_run(make_config):
     train(make_config("uninterrupted", **settings), environ={})
 
     config = make_config("interrupted", **settings)
-    run = setup(config, environ={})
-    trainee = build(config, run)
-    forwards = []
-
-    def send_sigterm_during_step_3(module, args):
-        forwards.append(1)
-        if len(forwards) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: the step finishes, then it stops
-
-    handle = trainee.model.register_forward_pre_hook(send_sigterm_during_step_3)
-    summary = fit(config, run, trainee)
-    handle.remove()
+    # SIGTERM during step 3's forward: the handler lets the step finish, then it stops.
+    summary = fit_with(config, on_forward=sigterm_at(3))
     assert summary["stopped"] and summary["step"] == 3
     assert [p.name for p in step_checkpoints(config.out_dir)] == ["step-3"]  # keep_last 1
     assert not (Path(config.out_dir) / "final").exists()
