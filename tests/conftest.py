@@ -1,6 +1,7 @@
 """Shared test fixtures: where the offline assets are, and small helpers."""
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -15,3 +16,13 @@ def assets() -> Path:
     if not ASSETS.is_dir():
         pytest.fail(f"shared assets not found at {ASSETS}: ../shared must sit beside the repo")
     return ASSETS
+
+
+def call_main(main: Callable, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """A command's main(argv) in this process (no new interpreter per case): its exit
+    status, stdout and stderr."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_status:
+        main(list(args))
+    stdout, stderr = capsys.readouterr()
+    return exit_status.value.code, stdout, stderr

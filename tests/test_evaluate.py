@@ -3,6 +3,7 @@ plain and JSON output, one-line errors for bad input."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from minibert.trainer import train
 # The tiny random BERT and tiny corpus of the training tests (pytest finds imported fixtures).
 from test_train import SEQ, cache_dir, read_metrics, run_cli, tiny_corpus, tiny_model  # noqa: F401
 
-from conftest import BERT_TINY, MINILM
+from conftest import BERT_TINY, MINILM, call_main
 
 JSON_KEYS = ["loss", "perplexity", "accuracy", "blocks", "masked_tokens", "model", "data", "split",
              "masking"]
@@ -83,13 +84,7 @@ def test_two_processes_give_the_numbers_of_one(tiny_model, tiny_corpus, cache_di
     assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-8)
 
 
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The command in this process, through the same main() (no new interpreter per case)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit) as exit_status:
-        main(list(args))
-    stdout, stderr = capsys.readouterr()
-    return exit_status.value.code, stdout, stderr
+run_main = functools.partial(call_main, main)  # the command in this process
 
 
 def test_plain_output_holds_the_json_numbers(monkeypatch, capsys, tiny_model, tiny_corpus,

@@ -4,6 +4,7 @@ input, and the command line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from minibert.errors import MinibertError
 from minibert.score import format_results, main, pseudo_log_likelihood, score_sentences
 from minibert.tokenizer import load_tokenizer
 
-from conftest import BERT_TINY, MINILM
+from conftest import BERT_TINY, MINILM, call_main
 
 # Lengths differ (chunks mix sentences, so rows are padded); several words split into 2-4
 # pieces, punctuation, digits, an apostrophe.
@@ -151,12 +152,7 @@ def test_special_token_text_is_scored_as_unknown(model, tokenizer):
 # command line
 
 
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit) as exit_status:
-        main(list(args))
-    stdout, stderr = capsys.readouterr()
-    return exit_status.value.code, stdout, stderr
+run_main = functools.partial(call_main, main)  # the command in this process
 
 
 def test_cli_plain_output_ranks_best_first(monkeypatch, capsys, model, tokenizer):
