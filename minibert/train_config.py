@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import ArgumentParser
+from .distributed import BACKENDS
 from .errors import MinibertError
 from .model import BertConfig
 
@@ -107,6 +108,8 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _check(self.precision in PRECISIONS, "precision", f"must be one of {'|'.join(PRECISIONS)}")
         _check(self.device in DEVICES, "device", f"must be one of {'|'.join(DEVICES)}")
+        _check(self.dist_backend in BACKENDS, "dist_backend",
+               f"must be one of {'|'.join(BACKENDS)}")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(0.0 < self.mlm_probability <= 1.0, "mlm_probability", "must be in (0, 1]")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")

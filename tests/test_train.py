@@ -403,6 +403,7 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("batch_size = 0\n", "batch_size must be >= 1"),
     ("precision = 'fp8'\n", "precision must be one of"),
+    ("dist_backend = 'mpi'\n", "dist_backend must be one of"),
     ("lr = 'fast'\n", "lr must be float"),
     ("learning_rate = 1e-4\n", "unknown setting learning_rate"),
     ("lr = \n", "not valid TOML"),
