@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .errors import MinibertError
 from .safe_write import atomic_file
+from .tokenizer import spelled_special_ids
 
 FORMAT_VERSION = 1  # bump when the way blocks are built changes, so old caches are not reused
 WIKITEXT_NAMES = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
@@ -207,9 +208,7 @@ def tokenize_lines(lines: list[str], tokenizer, *, desc: str, show_progress: boo
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
     # Text that spells a special token ("[SEP]") is matched as that token; read it as [UNK].
-    unk_id = tokenizer.token_to_id("[UNK]")
-    frame_ids = [tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")]
-    tokens[np.isin(tokens, [i for i in frame_ids if i is not None])] = unk_id
+    tokens[np.isin(tokens, spelled_special_ids(tokenizer))] = tokenizer.token_to_id("[UNK]")
     return tokens
 
 

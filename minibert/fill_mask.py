@@ -43,11 +43,10 @@ from .checkpoint import read_checkpoint
 from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .model import BertForMaskedLM
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, spelled_special_ids
 
 ORDERS = ("left-to-right", "confidence")
 MASK_TOKEN = "[MASK]"
-SPECIAL_AS_UNKNOWN = ("[PAD]", "[CLS]", "[SEP]")  # typed in a sentence, read as [UNK]
 # Users type [mask] as often as [MASK]; the tokenizer matches the special token case-sensitively.
 _ANY_CASE_MASK = re.compile(re.escape(MASK_TOKEN), re.IGNORECASE)
 
@@ -99,7 +98,7 @@ def _encode(tokenizer: Tokenizer, text: str, max_positions: int,
     ids = tokenizer.encode(_ANY_CASE_MASK.sub(MASK_TOKEN, text)).ids
     # A [CLS], [SEP] or [PAD] typed in the text is matched as that special token; read it as
     # [UNK], as the data pipeline does, so that the only frame is the model's own.
-    typed_specials = {tokenizer.token_to_id(t) for t in SPECIAL_AS_UNKNOWN}
+    typed_specials = set(spelled_special_ids(tokenizer, keep_mask=True))  # masks are wanted
     unk_id = tokenizer.token_to_id("[UNK]")
     ids = ids[:1] + [unk_id if i in typed_specials else i for i in ids[1:-1]] + ids[-1:]
     mask_id = tokenizer.token_to_id(MASK_TOKEN)

@@ -44,7 +44,7 @@ from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, spelled_special_ids
 from .train_config import DEVICES
 
 DEFAULT_BATCH_SIZE = 32  # masked copies per forward pass
@@ -55,8 +55,8 @@ def encode(tokenizer: Tokenizer, text: str, max_positions: int) -> torch.Tensor:
     ids = torch.tensor(tokenizer.encode(text).ids)
     # Text that spells a special token ("[SEP]", "[MASK]") is read as [UNK], as in the corpus
     # (minibert.data): a [SEP] inside the sentence would cut it in two.
-    frame = torch.tensor([tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")])
-    ids[1:-1][torch.isin(ids[1:-1], frame)] = tokenizer.token_to_id("[UNK]")
+    spelled = torch.tensor(spelled_special_ids(tokenizer))
+    ids[1:-1][torch.isin(ids[1:-1], spelled)] = tokenizer.token_to_id("[UNK]")
     if len(ids) <= 2:
         raise MinibertError(f"nothing to score in {text!r}: it has no tokens")
     if len(ids) > max_positions:

@@ -45,6 +45,15 @@ def is_lower_case(folder: Path, vocab: dict[str, int]) -> bool:
     return not any(t.lower() != t for t in vocab if not (t.startswith("[") and t.endswith("]")))
 
 
+def spelled_special_ids(tokenizer: Tokenizer, keep_mask: bool = False) -> list[int]:
+    """Ids of the special tokens that text must not produce: [PAD], [CLS], [SEP], and [MASK]
+    unless keep_mask. Text that spells one ("[SEP]") is matched as that token itself, and a
+    [SEP] inside a sentence would cut it in two; the corpus, fill-mask and scoring all read
+    these ids as [UNK] wherever the text produced them."""
+    names = ("[PAD]", "[CLS]", "[SEP]") + (() if keep_mask else ("[MASK]",))
+    return [i for i in map(tokenizer.token_to_id, names) if i is not None]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A WordPiece tokenizer for the checkpoint folder at `path` (minibert or HuggingFace).
 
