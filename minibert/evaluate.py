@@ -43,7 +43,7 @@ from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, run_main
 from .masking import make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, resolve_precision
+from .precision import autocast, resolve_device, resolve_precision
 from .tokenizer import load_tokenizer
 from .train_config import DEVICES, PRECISIONS, TrainConfig
 
@@ -146,10 +146,7 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     """Read the model and the split, evaluate; every rank returns the same result:
     {"loss", "perplexity", "accuracy", "blocks", "masked_tokens", "model", "data", "split"}.
     Joins the process group when `launch` has several processes (the caller leaves it)."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise MinibertError("device cuda: no CUDA device is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = distributed.init(launch, "cuda" if use_cuda else "cpu")
+    device = distributed.init(launch, resolve_device(args.device))
     precision = resolve_precision(args.precision, device)
 
     # A checkpoint without a masked-LM head is refused: a random head's perplexity measures

@@ -1,5 +1,7 @@
-"""Numerics of a run: which precision a device computes in, and the autocast context for it.
+"""Device and numerics of a run: where it computes, in which precision, and the autocast
+context for it.
 
+    device_type = resolve_device("auto")                # "cuda" when a GPU is visible, else "cpu"
     precision = resolve_precision("auto", device)      # "bf16" on CPUs and Ampere+, else "fp16"
     with autocast(device, precision):
         loss = model(inputs, labels=labels)
@@ -15,6 +17,13 @@ import contextlib
 import torch
 
 from .errors import MinibertError
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one is an error."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MinibertError("device cuda: no CUDA device is visible")
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

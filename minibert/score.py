@@ -44,6 +44,7 @@ from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
+from .precision import resolve_device
 from .tokenizer import load_tokenizer, spelled_special_ids
 from .train_config import DEVICES
 
@@ -215,13 +216,11 @@ def parse_args(argv: list[str] | None = None) -> ScoreArgs:
 
 
 def run(args: ScoreArgs) -> None:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise MinibertError("device cuda: no CUDA device is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = resolve_device(args.device)
     model, folder, notices = read_checkpoint(args.model, require_head=True)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
-    model.to("cuda" if use_cuda else "cpu")
+    model.to(device)
     results = score_sentences(model, load_tokenizer(folder), args.texts, word_l2r=args.word_l2r,
                               batch_size=args.batch_size)
     if args.json:

@@ -48,7 +48,7 @@ from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
 from .masking import make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, precision_warning, resolve_precision
+from .precision import autocast, precision_warning, resolve_device, resolve_precision
 from .safe_write import remove_folder, tidy
 from .stopping import StopRequest
 from .tokenizer import load_tokenizer
@@ -106,10 +106,7 @@ class Run:
 def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     """Join the process group, choose device and precision, read model, tokenizer and data."""
     launch = distributed.launch_from_env(environ)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise MinibertError("device cuda: no CUDA device is visible")
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device = distributed.init(launch, "cuda" if use_cuda else "cpu", config.dist_backend)
+    device = distributed.init(launch, resolve_device(config.device), config.dist_backend)
     precision = resolve_precision(config.precision, device)
     if warning := precision_warning(precision, device):
         print0(warning)

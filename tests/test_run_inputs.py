@@ -1,5 +1,5 @@
 """What a run checks before any work: every split present before tokenizing, a warning for
-fp16 on a CPU, --resume naming a folder that is not there."""
+fp16 on a CPU, --resume naming a folder that is not there, a device that exists."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import minibert.data
 from conftest import ASSETS, BERT_TINY
 from minibert.data import check_splits
 from minibert.errors import MinibertError
-from minibert.precision import precision_warning
+from minibert.precision import precision_warning, resolve_device
 from minibert.train_config import TrainConfig
 from minibert.train_state import resolve_resume
 from minibert.trainer import train
@@ -74,3 +74,13 @@ def test_resume_from_a_folder_that_does_not_exist(tmp_path):
     missing.mkdir(parents=True)
     with pytest.raises(MinibertError, match="not a resume checkpoint"):
         resolve_resume(str(missing), tmp_path / "runs" / "x")
+
+
+def test_device_choice_follows_what_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == "cpu"
+    with pytest.raises(MinibertError, match="device cuda: no CUDA device is visible"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == "cuda"
+    assert resolve_device("cpu") == "cpu"
