@@ -79,7 +79,11 @@ class SplitText:
         total = sum(f.stat().st_size for f in self.files) if self.files else None
         with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
                   disable=not show_progress) as progress:
-            for _, data in self._raw_parts(hasher):
+            if self.dataset is not None:
+                parts = (data for _, data in self._hub_chunks(hasher))
+            else:
+                parts = (data for file in self.files for data in _file_chunks(file, hasher))
+            for data in parts:
                 size += len(data)
                 progress.update(len(data))
         return hasher.digest(), size
@@ -88,57 +92,59 @@ class SplitText:
         """(lines, bytes they came from) a chunk at a time, in order. The same bytes go into
         `hasher` as into `digest`, so a caller can check that what it read is what it hashed."""
         if self.dataset is not None:
-            for lines, data in self._raw_parts(hasher):
+            for lines, data in self._hub_chunks(hasher):
                 yield lines, len(data)
             return
         for file in self.files:
             decoder = codecs.getincrementaldecoder("utf-8")()
             carry, offset = "", 0  # the start of a line that the chunk boundary cut
-            for _, data in self._raw_parts(hasher, [file]):
+            for data in _file_chunks(file, hasher):
+                pending = len(decoder.getstate()[0])  # bytes of a character the last chunk cut
                 try:
                     text = carry + decoder.decode(data, final=not data)
                 except UnicodeDecodeError as error:
                     raise MinibertError(f"{file}: cannot read as UTF-8 text (byte "
-                                        f"{offset + error.start}: {error.reason})") from None
+                                        f"{offset - pending + error.start}: {error.reason})"
+                                        ) from None
                 offset += len(data)
                 lines = text.splitlines()
                 # A last line without its line break may go on in the next chunk.
                 carry = lines.pop() if data and text and not _ends_a_line(text[-1]) else ""
                 yield lines, len(data)
 
-    def _raw_parts(self, hasher, files: list[Path] | None = None
-                   ) -> Iterator[tuple[list[str] | None, bytes]]:
-        """(lines or None, bytes) of each chunk, and b"" once at the end of each file; every
-        byte, then each file's length, goes into `hasher`."""
-        if self.dataset is not None:
-            length = 0
-            for batch in self.dataset.iter(batch_size=HUB_LINES_PER_CHUNK):
-                lines = batch["text"]
-                # Each row is tokenized as it is (a row is a line), so each is hashed with its
-                # length: rows ["a b"] and ["a", "b"] must not share a key.
-                encoded = [line.encode("utf-8") for line in lines]
-                data = b"".join(b"%d:%s" % (len(e), e) for e in encoded)
+    def _hub_chunks(self, hasher) -> Iterator[tuple[list[str], bytes]]:
+        """(rows, the bytes hashed for them) of the hub dataset, HUB_LINES_PER_CHUNK at a time."""
+        length = 0
+        for batch in self.dataset.iter(batch_size=HUB_LINES_PER_CHUNK):
+            lines = batch["text"]
+            # A row is tokenized as one line even if it holds a line break, so each row is
+            # hashed with its length: rows ["a\nb"] and ["a", "b"] must not share a key.
+            data = b"".join(b"%d:%s" % (len(e), e) for e in (line.encode("utf-8")
+                                                             for line in lines))
+            length += len(data)
+            if hasher is not None:
+                hasher.update(data)
+            yield lines, data
+        if hasher is not None:
+            hasher.update(b"\0%d\0" % length)
+
+
+def _file_chunks(file: Path, hasher) -> Iterator[bytes]:
+    """The bytes of `file`, CHUNK_BYTES at a time, then b"" at its end; every byte, then the
+    file's length, goes into `hasher`."""
+    length = 0
+    try:
+        with open(file, "rb") as stream:
+            while data := stream.read(CHUNK_BYTES):
                 length += len(data)
                 if hasher is not None:
                     hasher.update(data)
-                yield lines, data
-            if hasher is not None:
-                hasher.update(b"\0%d\0" % length)
-            return
-        for file in self.files if files is None else files:
-            length = 0
-            try:
-                with open(file, "rb") as stream:
-                    while True:
-                        data = stream.read(CHUNK_BYTES)
-                        length += len(data)
-                        if hasher is not None:
-                            hasher.update(data if data else b"\0%d\0" % length)
-                        yield None, data
-                        if not data:
-                            break
-            except OSError as error:
-                raise MinibertError(f"{file}: cannot read ({error.strerror or error})") from None
+                yield data
+    except OSError as error:
+        raise MinibertError(f"{file}: cannot read ({error.strerror or error})") from None
+    if hasher is not None:
+        hasher.update(b"\0%d\0" % length)
+    yield b""
 
 
 def _ends_a_line(character: str) -> bool:

@@ -130,6 +130,22 @@ def test_chunk_boundaries_change_nothing(tokenizer, tmp_path, monkeypatch, chunk
     assert np.array_equal(blocks, todays_blocks(tokenizer, [file], 8))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 1 << 20])
+def test_text_that_is_not_utf8_is_reported_at_its_byte(tokenizer, tmp_path, monkeypatch,
+                                                       chunk_bytes):
+    monkeypatch.setattr(splits, "CHUNK_BYTES", chunk_bytes)
+    good = ("é日😀 line\n" * 50).encode("utf-8")  # 15 bytes a line: 750
+    for bad, reason in ((b"\xff tail\n", "invalid start byte"),
+                        (b"\xe6\x97", "unexpected end of data")):  # a character cut at the end
+        file = tmp_path / reason / "train.txt"
+        file.parent.mkdir()
+        file.write_bytes(good + bad)
+        with pytest.raises(MinibertError) as error:
+            load_blocks(file.parent, "train", tokenizer, 8, tmp_path / "cache",
+                        show_progress=False)
+        assert_one_line_error(error, f"{file}: cannot read as UTF-8 text (byte 750: {reason})")
+
+
 def test_tokenizes_a_chunk_at_a_time_and_writes_blocks_as_they_come(tokenizer, tmp_path,
                                                                     monkeypatch):
     """Memory does not grow with the corpus: no call sees more than one chunk of text, and
@@ -412,7 +428,7 @@ def test_bad_input_is_one_line_error_naming_the_problem(tokenizer, tmp_path):
     binary = tmp_path / "binary" / "train.txt"
     binary.parent.mkdir()
     binary.write_bytes(b"\xff\xfe\x00 not utf-8")
-    assert_one_line_error(error_of(binary.parent), str(binary), "UTF-8")
+    assert_one_line_error(error_of(binary.parent), str(binary), "UTF-8", "byte 0")
     for bad_length in (2, 0, 12.0):
         assert_one_line_error(error_of(WIKIPEDIA_SAMPLE, "valid", bad_length), "max_seq_length",
                               ">= 3")
