@@ -18,12 +18,16 @@ import inspect
 import io
 import re
 import tokenize
-import tomllib
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: tomli, the package tomllib was made from (same API)
+    import tomli as tomllib
 
 from .cli import ArgumentParser
 from .distributed import BACKENDS
