@@ -44,9 +44,8 @@ from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
-from .precision import resolve_device
+from .precision import check_device, resolve_device
 from .tokenizer import load_tokenizer, spelled_special_ids
-from .train_config import DEVICES
 
 DEFAULT_BATCH_SIZE = 32  # masked copies per forward pass
 
@@ -178,8 +177,7 @@ class ScoreArgs:
             raise MinibertError("no sentence to score: pass TEXT or --file F")
         if self.batch_size < 1:
             raise MinibertError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise MinibertError(f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
+        check_device(self.device)
 
 
 def _read_sentences(file: Path) -> list[str]:
