@@ -48,6 +48,7 @@ from .evaluate import evaluate
 from .flops import mfu, peak_tflops, training_flops_per_token
 from .masking import make_masker
 from .model import BertForMaskedLM
+from .plot import plot_runs
 from .precision import autocast, precision_warning, resolve_device, resolve_precision
 from .safe_write import remove_folder, tidy
 from .stopping import StopRequest
@@ -348,6 +349,12 @@ def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
     run.model_folder = folder / "model"
 
 
+def draw_curve(out_dir: Path) -> None:
+    """out_dir/loss.png from out_dir/metrics.jsonl (rank 0 draws it)."""
+    if is_main():
+        plot_runs([out_dir], out_dir / "loss.png")
+
+
 def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     """Train from trainee.start_step to run.total_steps; returns a summary of the run.
 
@@ -400,7 +407,8 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     if not resumed:  # step 0: the pretrained model before any update
         record = {"step": 0}
         run_eval(record)
-        metrics.write(record, plot=True)
+        metrics.write(record)
+        draw_curve(run.out_dir)
         if config.init == "random":
             # A fresh model spreads its guesses evenly over the vocabulary: its loss should sit
             # near ln(V). Far above it, the initialisation is off (std too large).
@@ -454,7 +462,9 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
                 summary["train_loss"] = train_loss
                 if is_eval:
                     run_eval(record)
-                metrics.write(record, plot=is_eval)  # loss.png is redrawn at each evaluation
+                metrics.write(record)
+                if is_eval:
+                    draw_curve(run.out_dir)  # loss.png is redrawn at each evaluation
                 window_nll.zero_()
                 window_count.zero_()
                 window_steps, window_seconds = 0, 0.0
