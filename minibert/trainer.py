@@ -50,7 +50,7 @@ from .masking import make_masker
 from .model import BertForMaskedLM
 from .plot import plot_runs
 from .precision import autocast, precision_warning, resolve_device, resolve_precision
-from .safe_write import remove_folder, tidy
+from .safe_write import recover_and_tidy, remove_folder
 from .stopping import StopRequest
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
@@ -114,7 +114,7 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
 
     out_dir = Path(config.out_dir)
     if is_main():  # finish or undo a checkpoint write that a kill interrupted, before looking
-        tidy(out_dir / "checkpoints")
+        recover_and_tidy(out_dir / "checkpoints")
     distributed.barrier()
     resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
     if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
