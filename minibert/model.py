@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -330,8 +329,8 @@ class BertForMaskedLM(nn.Module):
         logits = self.mlm_head(picked, self.word_embeddings)  # (batch, k, vocab)
         return logits.flatten(0, 1), targets.flatten()  # (batch * k, vocab), (batch * k,)
 
-    def logits_at(self, sequences: Sequence[Sequence[int] | torch.Tensor],
-                  positions: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    def logits_at(self, sequences: list[list[int]] | list[torch.Tensor],
+                  positions: list[list[int]], pad_token_id: int) -> torch.Tensor:
         """Logits at chosen positions of sequences of different lengths, from one forward pass:
         (sum of len(positions[i]), vocab), the positions of sequence 0 in the order given, then
         those of sequence 1, and so on. Fill-mask and scoring read the model this way.

@@ -26,7 +26,8 @@ from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
 from minibert.batches import BatchLayout
 from minibert.evaluate import evaluate
-from minibert.trainer import build, fit, linear_schedule, parameter_groups, setup, train
+from minibert.optimizer import linear_schedule, parameter_groups
+from minibert.trainer import build, fit, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
