@@ -123,6 +123,14 @@ def check_settings(*, max_seq_length: int, eval_seed: int, mlm_probability: floa
     check_device(device)
 
 
+def check_block_length(max_seq_length: int, model: BertForMaskedLM) -> None:
+    """Blocks of max_seq_length tokens fit the model's position embeddings."""
+    positions = model.config.max_position_embeddings
+    if max_seq_length > positions:
+        raise MinibertError(f"max_seq_length {max_seq_length} exceeds the model's "
+                            f"max_position_embeddings ({positions})")
+
+
 @dataclass
 class EvaluateArgs:
     """What `python -m minibert.evaluate` measures. Defaults are train.py's (TrainConfig's), so
@@ -167,10 +175,7 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     for notice in notices:
         if is_main():
             print(f"note: {notice}", file=sys.stderr)
-    positions = model.config.max_position_embeddings
-    if args.max_seq_length > positions:
-        raise MinibertError(f"max_seq_length {args.max_seq_length} exceeds the model's "
-                            f"max_position_embeddings ({positions})")
+    check_block_length(args.max_seq_length, model)
     tokenizer = load_tokenizer(folder)
     # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
     blocks = load_blocks(args.data, args.split, tokenizer, max_seq_length=args.max_seq_length,

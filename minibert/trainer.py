@@ -36,7 +36,7 @@ from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
 from .distributed import StopVote, all_reduce_sum, is_main, print0
 from .errors import MinibertError
-from .evaluate import evaluate
+from .evaluate import check_block_length, evaluate
 from .flops import training_flops_per_token
 from .masking import make_masker
 from .model import BertForMaskedLM
@@ -125,9 +125,7 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
                                                        else config.model, seed=config.seed)
     for notice in notices:
         print0(f"note: {notice}")
-    if config.max_seq_length > model.config.max_position_embeddings:
-        raise MinibertError(f"max_seq_length {config.max_seq_length} exceeds the model's "
-                            f"max_position_embeddings ({model.config.max_position_embeddings})")
+    check_block_length(config.max_seq_length, model)
     tokenizer = load_tokenizer(model_folder)
 
     # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
