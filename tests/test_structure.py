@@ -14,8 +14,9 @@ PACKAGE = REPO / "minibert"
 
 # The training side, which the model must not know about.
 TRAINING = {"minibert.trainer", "minibert.train_config", "minibert.train_state",
-            "minibert.batches", "minibert.stopping", "minibert.distributed",
-            "minibert.evaluate", "torch.distributed", "torch.optim"}
+            "minibert.optimizer", "minibert.training_log", "minibert.batches",
+            "minibert.stopping", "minibert.distributed", "minibert.evaluate",
+            "torch.distributed", "torch.optim"}
 
 
 def imports(path: Path) -> set[str]:
