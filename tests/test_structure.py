@@ -1,6 +1,8 @@
-"""Dependencies point one way (STYLE.md, "Shape of the project"): scripts -> plain functions of
-the package -> pure building blocks. Read from the source with ast, so nothing is imported:
-an import inside a function counts as much as one at the top."""
+"""Dependencies point one way: scripts -> plain functions of the package -> pure building
+blocks. The model knows nothing of training, masking and data nothing of torch.distributed,
+the commands nothing of train.py's config, saving state nothing of drawing, and the package
+nothing of the scripts. Read from the source with ast, so nothing is imported: an import
+inside a function counts as much as one at the top."""
 
 from __future__ import annotations
 
