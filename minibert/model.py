@@ -329,6 +329,27 @@ class BertForMaskedLM(nn.Module):
         logits = self.mlm_head(picked, self.word_embeddings)  # (batch, k, vocab)
         return logits.flatten(0, 1), targets.flatten()  # (batch * k, vocab), (batch * k,)
 
+    def logits_at(self, sequences: list[list[int]] | list[torch.Tensor],
+                  positions: list[list[int]], pad_token_id: int) -> torch.Tensor:
+        """Logits at chosen positions of sequences of different lengths, from one forward pass:
+        (sum of len(positions[i]), vocab), the positions of sequence 0 in the order given, then
+        those of sequence 1, and so on. Fill-mask and scoring read the model this way.
+
+        The sequences (token ids: lists or 1-d tensors) are padded with pad_token_id to the
+        longest, and the padding is masked out of attention, so each sequence is read as if it
+        were alone. The head runs at the chosen positions only: the vocabulary projection is
+        the largest matrix multiply, and its logits elsewhere would be thrown away."""
+        input_ids = torch.full((len(sequences), max(map(len, sequences))), pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)  # (batch, seq): 1 = token, 0 = padding
+        for row, ids in enumerate(sequences):
+            input_ids[row, :len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        device = self.word_embeddings.device
+        hidden = self.bert(input_ids.to(device), attention_mask.to(device))  # (batch, seq, hidden)
+        rows = [row for row, cols in enumerate(positions) for _ in cols]
+        cols = [col for cols in positions for col in cols]
+        return self.mlm_head(hidden[rows, cols], self.word_embeddings)  # (num_positions, vocab)
+
     @property
     def word_embeddings(self) -> torch.Tensor:
         """The (vocab, hidden) matrix shared by the input embedding and the MLM decoder."""
