@@ -82,6 +82,10 @@ def main() -> None:
             other = evaluate_checkpoint(EvaluateArgs(**{**base, **change}), Launch())
             print(f"  {label:<21} {line(other)} ({other['masked_tokens']} masked)")
 
+        # configs/quickstart-cpu.toml evaluates 256 blocks before its first step (in bf16).
+        start = evaluate_checkpoint(EvaluateArgs(**{**base, "max_blocks": 256}), Launch())
+        print(f"the quickstart's step 0, in fp32: {start['blocks']} blocks, {line(start)}")
+
         print("== a training run's number, reproduced ==")
         data = Path(temporary) / "corpus"
         data.mkdir()

@@ -134,6 +134,10 @@ def main() -> None:
         ffn = step("output(h)", layer.output(inner))
         h2 = step("output_norm(x + feed_forward)", layer.output_norm(h1 + ffn))
         print(f"  same as BertLayer.forward: {same(h2, layer(h0, key_padding_mask))}")
+        grid = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+        gap = (F.gelu(grid) - F.gelu(grid, approximate="tanh")).abs().max()
+        print(f"  hidden_act {config.hidden_act!r}: the exact x * Phi(x); its tanh approximation "
+              f"differs by at most {gap:.5f}")
         real = weights.sum(dim=-1)
         print(f"  every row of weights sums to 1: {same(real, torch.ones_like(real))}")
         short = int(attention_mask.sum(dim=1).argmin())  # the sentence that is padded
