@@ -21,7 +21,7 @@ from minibert import BertConfig, BertForMaskedLM, MinibertError, load_tokenizer
 from minibert.checkpoint import read_checkpoint, save_pretrained
 from minibert.distributed import Launch
 from minibert.masking import IGNORE_INDEX, mask_batch, special_token_ids
-from minibert.plot import main as plot_main
+from minibert import plot
 from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
 from minibert.batches import BatchLayout
@@ -321,7 +321,7 @@ def test_outputs_loss_falls_and_final_checkpoint_reads_back(make_config, tmp_pat
     saved, _, _ = read_checkpoint(out / "checkpoints" / "step-8" / "model")
     for (name, a), b in zip(final.state_dict().items(), saved.state_dict().values()):
         assert torch.equal(a, b), name
-    plot_main([str(out), str(out), "-o", str(tmp_path / "compare.png")])
+    plot.run(plot.parse_args([str(out), str(out), "-o", str(tmp_path / "compare.png")]))
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
