@@ -5,6 +5,7 @@ evaluation, outputs, and the command-line and config-file surface."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from minibert import BertConfig, BertForMaskedLM, MinibertError, load_tokenizer
-from minibert.checkpoint import read_checkpoint, save_pretrained
+from minibert.checkpoint import read_checkpoint, resolve, save_pretrained
 from minibert.distributed import Launch
 from minibert.masking import IGNORE_INDEX, mask_batch, special_token_ids
-from minibert import plot
+from minibert import plot, splits
 from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
 from minibert.batches import BatchLayout
@@ -387,6 +388,29 @@ def test_every_shipped_config_parses(path):
     config = parse_config(["--config", str(path)])
     assert read_toml(path)  # every key is a TrainConfig field
     assert config.max_seq_length in (128, 512)
+
+
+def test_the_online_quickstart_is_the_offline_one_with_hub_ids():
+    """configs/quickstart-online.toml names the hubs' copies of what the offline quick start
+    reads from ../shared/assets, and changes nothing else. Downloading them cannot be tested
+    here (no network reaches the hubs), so the ids are checked as far as they can be offline:
+    the model is one of Google's BERT miniatures, named L-layers_H-hidden_A-heads, of the
+    offline checkpoint's shape, and an id that the checkpoint reader fetches from the hub (a
+    machine online fetches its config.json and vocab.txt here); the data is the WikiText name
+    that minibert/splits.py reads from the hub."""
+    offline = parse_config(["--config", str(REPO / "configs" / "quickstart-cpu.toml")])
+    online = parse_config(["--config", str(REPO / "configs" / "quickstart-online.toml")])
+    assert replace(online, model=offline.model, data=offline.data) == offline
+    assert online.data == "wikitext-2-raw-v1" and online.data in splits.WIKITEXT_NAMES
+    shape = re.fullmatch(r"google/bert_uncased_L-(\d+)_H-(\d+)_A-(\d+)", online.model)
+    assert shape, online.model
+    try:  # the checkpoint reader takes it to the hub: offline, it says it could not fetch it
+        resolve(online.model, weights=False)
+    except MinibertError as error:
+        assert "the hub id could not be fetched" in str(error), error
+    tiny = json.loads((REPO / offline.model / "config.json").read_text(encoding="utf-8"))
+    assert tuple(map(int, shape.groups())) == (
+        tiny["num_hidden_layers"], tiny["hidden_size"], tiny["num_attention_heads"])
 
 
 def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
