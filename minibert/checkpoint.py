@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from .convert import config_from_hf, config_to_hf, hf_to_minibert, minibert_to_hf
 from .errors import MinibertError
 from .model import BertConfig, BertForMaskedLM
 from .safe_write import atomic_folder, recover
-from .tokenizer import is_lower_case, read_vocab
+from .tokenizer import is_lower_case, load_tokenizer, read_vocab
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -141,12 +142,8 @@ def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = F
         notices.append("the checkpoint has no masked-LM head: a freshly initialised one was "
                        "added, so predictions are meaningless until it is trained")
     _check_shapes(state, model, folder)
-    vocab_file = folder / "vocab.txt"
-    if vocab_file.is_file():
-        vocab_size = len(read_vocab(vocab_file))
-        if vocab_size != config.vocab_size:
-            raise MinibertError(f"{vocab_file}: {vocab_size} tokens, but the word embedding "
-                                f"matrix has {config.vocab_size} rows")
+    if (folder / "vocab.txt").is_file():
+        check_vocabulary(config, load_tokenizer(folder), folder / "vocab.txt")
     model.load_state_dict(state)
     return model.eval(), folder, notices
 
@@ -172,11 +169,27 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
         raise MinibertError(f"model_config: {error}") from None
     if not (folder / "vocab.txt").is_file():
         raise MinibertError(f"{folder}: no vocab.txt (init random reads the vocabulary there)")
-    vocab_size = len(read_vocab(folder / "vocab.txt"))
-    if vocab_size != config.vocab_size:
-        raise MinibertError(f"vocab_size {config.vocab_size} does not match {folder}/vocab.txt "
-                            f"({vocab_size} tokens): the embedding has a row per token")
+    check_vocabulary(config, load_tokenizer(folder), folder / "vocab.txt")
     return init_model(config, seed), folder, notices
+
+
+def check_vocabulary(config: BertConfig, tokenizer: Tokenizer, vocabulary: Path) -> None:
+    """Refuse, in one line, a config that does not fit the tokenizer built from `vocabulary`:
+    vocab_size must be its number of tokens (the word embedding has a row per token), and
+    pad_token_id the id of its padding token, whose embedding row starts at zero and gets no
+    gradient: a wrong id would freeze a real token's row and train the padding's. The padding
+    token's id comes from the tokenizer, so a tokenizer whose padding token is spelled
+    differently is checked by these same lines once the lookup below knows its name."""
+    tokens = tokenizer.get_vocab_size()
+    if tokens != config.vocab_size:
+        raise MinibertError(f"vocab_size {config.vocab_size} does not match {vocabulary} "
+                            f"({tokens} tokens): the word embedding has a row per token")
+    pad_token = "[PAD]"
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id != config.pad_token_id:
+        raise MinibertError(f"pad_token_id {config.pad_token_id} does not match {vocabulary}, "
+                            f"where {pad_token} is {pad_id}: the padding token's embedding row "
+                            f"is the one kept at zero")
 
 
 def load_pretrained(path: str | Path) -> BertForMaskedLM:

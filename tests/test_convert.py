@@ -263,7 +263,7 @@ def broken_json(folder):
     (remove_weights, "no weights"),
     (corrupt_truncated, "corrupt or truncated"),
     (corrupt_garbage, "corrupt or truncated"),
-    (short_vocab, "but the word embedding matrix has"),
+    (short_vocab, "does not match"),
     (heads_not_dividing, "not divisible"),
     (wrong_hidden, "has shape"),
     (extra_layer, "weights lack"),
