@@ -7,7 +7,7 @@ one where a reader looks. Everything minibert writes goes through here.
         figure.savefig(tmp)
 
 How. The new content is written under a hidden temporary name beside the target,
-`.NAME.tmp-PID-HOST-XXXXXX`, so that the final rename stays inside one filesystem. Every file
+`.NAME.tmp-PID-HOST-STAMP-XXXXXX`, so that the final rename stays inside one filesystem. Every file
 and folder of it is fsynced before the rename makes it visible, and the parent folder after,
 so that after a power cut the name points at complete data, never at empty files. The
 temporary is created with the default modes (0o777 for folders, 0o666 for files), which the
@@ -26,10 +26,22 @@ A run killed in that window leaves the pieces; the next write beside them, or th
 of NAME (`recover`), finishes the swap from .new or undoes it from .old.
 
 Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
-.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID
-and host in it tell whether its maker is still running. `recover_and_tidy`, called before every
-write, finishes or undoes the swaps and deletes the leftovers of makers that are gone, and
-names in a warning those it cannot judge (another machine's, or an older minibert's).
+.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID,
+host and STAMP in it tell whether its maker is still running. PID and host alone cannot: a
+restarted container comes back with the same host name and the same PIDs (often 1). STAMP is a
+hash of the boot id (/proc/sys/kernel/random/boot_id) and of the process's start time
+(/proc/PID/stat), which a reboot or a restart changes: a leftover is its maker's while a
+process with its PID runs and has its stamp. Where /proc is missing, names have no STAMP
+(.NAME.tmp-PID-HOST-XXXXXX, as older minibert wrote them) and the PID alone is judged.
+`recover_and_tidy`, called before every write, finishes or undoes the swaps and deletes the
+leftovers of makers that are gone, and names in a warning those it cannot judge (another
+machine's, or an older minibert's).
+
+Reading never writes. A reader that finds NAME missing and the halves of an interrupted swap
+beside it (`readable`) reads the complete side, .NAME.new-* (the folder the swap was putting in
+place, complete before it was renamed so) or else .NAME.old-* (the folder it was replacing),
+and fixes nothing: the next write beside them finishes or undoes the swap. So a checkpoint on
+read-only storage reads as it would anywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import re
 import secrets
@@ -52,7 +65,8 @@ from typing import Iterator
 from .errors import MinibertError
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old|del)-(?P<pid>\d+)-"
-                       r"(?P<host>[A-Za-z0-9]*)-[0-9a-f]{6}")
+                       r"(?P<host>[A-Za-z0-9]*)(?:-(?P<stamp>[0-9a-f]{8}))?-[0-9a-f]{6}")
+_PROC = Path("/proc")  # Linux's view of processes; where it is missing names carry no stamp
 _FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old|del)-.+|.+\.\d+\.tmp")  # older names
 
 
@@ -60,15 +74,37 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
 
 
+def _stamp(pid: int) -> str | None:
+    """8 hex digits that a reboot or a restart changes: a hash of the boot id and of the start
+    time of process `pid` (in clock ticks since boot), or None where /proc cannot tell (no such
+    process, or no /proc)."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+    except (OSError, IndexError):
+        return None
+    try:
+        boot = (_PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except OSError:
+        boot = ""  # a start time alone still tells a restarted container's PID 1 from ours
+    return hashlib.sha256(f"{boot} {start}".encode()).hexdigest()[:8]
+
+
 def _aside(dst: Path, kind: str) -> Path:
-    """A hidden name beside dst that records who made it: .NAME.KIND-PID-HOST-XXXXXX."""
-    return dst.with_name(f".{dst.name}.{kind}-{os.getpid()}-{_host()}-{secrets.token_hex(3)}")
+    """A hidden name beside dst that records who made it: .NAME.KIND-PID-HOST-STAMP-XXXXXX
+    (without -STAMP where /proc is missing)."""
+    pid = os.getpid()
+    stamp = _stamp(pid)
+    maker = f"{pid}-{_host()}" + (f"-{stamp}" if stamp else "")
+    return dst.with_name(f".{dst.name}.{kind}-{maker}-{secrets.token_hex(3)}")
 
 
-def _writer_is_gone(pid: int, host: str) -> bool | None:
+def _writer_is_gone(pid: int, host: str, stamp: str | None) -> bool | None:
     """True if the process that made a leftover has exited; None if that cannot be known."""
     if host != _host():
         return None
+    if stamp is not None and (now := _stamp(pid)) is not None:
+        return now != stamp  # a process with that PID runs: the maker only if it has its stamp
     if pid == os.getpid():
         return False
     try:
@@ -101,7 +137,8 @@ def recover_and_tidy(parent: str | Path) -> None:
     for path in entries:
         match = _LEFTOVER.fullmatch(path.name)
         if match and path.exists():
-            gone = _writer_is_gone(int(match.group("pid")), match.group("host"))
+            gone = _writer_is_gone(int(match.group("pid")), match.group("host"),
+                                   match.group("stamp"))
             if gone:
                 _delete(path)
             elif gone is None:
@@ -122,7 +159,8 @@ def recover(dst: str | Path) -> None:
         for path in dst.parent.iterdir():
             match = _LEFTOVER.fullmatch(path.name)
             if (match and match.group("name") == dst.name and match.group("kind") in pieces
-                    and _writer_is_gone(int(match.group("pid")), match.group("host"))):
+                    and _writer_is_gone(int(match.group("pid")), match.group("host"),
+                                        match.group("stamp"))):
                 pieces[match.group("kind")].append(path)
     # A .new folder is complete (it was renamed so only after its fsync): finish the swap.
     # Without one, the swap had only moved the old folder aside: undo that.

@@ -230,6 +230,48 @@ def test_leftovers_of_killed_writers_are_removed_by_the_next_write_beside_them(t
     assert foreign.exists() and old_style.exists()  # named, not deleted
 
 
+def test_a_leftover_with_this_pid_but_another_process_stamp_is_judged_dead(tmp_path):
+    """After a container restart the same host name and PID (often 1) come back: the PID in
+    a leftover's name does not tell its writer from this process. The name also carries a
+    stamp of the writer's boot and start time; a leftover with this process's PID and host
+    but another stamp is a dead writer's: its temporary is deleted and its interrupted swap
+    finished by the next write beside it."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:40]
+    pid = os.getpid()
+    stamp = safe_write._aside(tmp_path / "x", "tmp").name.split("-")[-2]  # this process's
+    other = "0" * len(stamp) if stamp != "0" * len(stamp) else "1" * len(stamp)
+    stale = tmp_path / f".step-4.tmp-{pid}-{host}-{other}-0a1b2c"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    # An interrupted swap of `final`: the new folder is complete, the old one moved aside.
+    for model, piece in ((tiny(1), f".final.old-{pid}-{host}-{other}-111111"),
+                         (tiny(2), f".final.new-{pid}-{host}-{other}-222222")):
+        save_pretrained(model, tmp_path / "elsewhere" / "model")
+        os.rename(tmp_path / "elsewhere" / "model", tmp_path / piece)
+    (tmp_path / "elsewhere").rmdir()
+    mine = tmp_path / f".step-5.tmp-{pid}-{host}-{stamp}-abcdef"  # this very process's
+    mine.mkdir()
+
+    save_pretrained(tiny(3), tmp_path / "step-8")  # a write beside them
+    assert not stale.exists()
+    assert which(tmp_path / "final", {"old": tiny(1), "new": tiny(2)}) == "new"
+    assert hidden_entries(tmp_path) == [mine.name]  # a running writer's temporary is kept
+
+
+def test_without_proc_leftovers_are_judged_by_pid_and_host(tmp_path, monkeypatch):
+    """Where /proc is missing (other systems) names carry no stamp and a leftover's writer is
+    judged by its PID alone, as a write on such a system can tell."""
+    monkeypatch.setattr(safe_write, "_PROC", tmp_path / "no-proc")
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:40]
+    name = safe_write._aside(tmp_path / "step-1", "tmp").name
+    assert safe_write._LEFTOVER.fullmatch(name).group("stamp") is None
+    stale = tmp_path / f".step-4.tmp-{dead_pid()}-{host}-0a1b2c"
+    stale.mkdir()
+    live = tmp_path / f".step-5.tmp-{os.getppid()}-{host}-abcdef"
+    live.mkdir()
+    save_pretrained(tiny(3), tmp_path / "step-8")
+    assert not stale.exists() and live.exists()
+
 def test_pruning_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     for step in (1, 2):
         folder = tmp_path / "checkpoints" / f"step-{step}"
