@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from .convert import config_from_hf, config_to_hf, hf_to_minibert, minibert_to_hf
 from .errors import MinibertError
 from .model import BertConfig, BertForMaskedLM
-from .safe_write import atomic_folder, recover
+from .safe_write import atomic_folder, readable
 from .tokenizer import is_lower_case, load_tokenizer, read_vocab
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -34,9 +34,10 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def resolve(source: str | Path, weights: bool = True) -> Path:
     """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache
-    (without its weight files when `weights` is False)."""
-    folder = Path(source)
-    recover(folder)  # a replacement of this folder that a kill interrupted: finish or undo it
+    (without its weight files when `weights` is False). Reading never writes: a folder whose
+    replacement a kill interrupted is read from the complete side of the swap, which stays
+    where it is (safe_write.readable; `swap_notice` says so)."""
+    folder = readable(source)
     if folder.is_dir():
         return folder
     if folder.exists():
@@ -52,6 +53,16 @@ def resolve(source: str | Path, weights: bool = True) -> Path:
         raise MinibertError(
             f"{source}: no such folder, and the hub id could not be fetched "
             f"({type(error).__name__}); offline, pass a local checkpoint folder") from None
+
+
+def swap_notice(source: str | Path, folder: Path) -> list[str]:
+    """One line when `folder`, read for `source`, is the complete side of an interrupted
+    replacement of it (resolve), else none."""
+    source = Path(source)
+    if folder == source or folder.parent != source.parent:  # the folder itself, or a hub id's
+        return []
+    return [f"{source}: its replacement was interrupted; read the complete {folder.name} "
+            f"beside it (the next write there finishes the replacement)"]
 
 
 def _read_json(file: Path) -> dict:
@@ -123,12 +134,13 @@ def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = F
     """
     folder = resolve(source)
     config, raw_config = _read_config(folder)
-    notices: list[str] = []
+    notices = swap_notice(source, folder)
     weights = _read_weights(folder)
     if raw_config.get("model_type") == "minibert":
         state = weights
     else:
-        state, notices = hf_to_minibert(weights)
+        state, conversion_notices = hf_to_minibert(weights)
+        notices += conversion_notices
     # A pooler is kept when the checkpoint has one (minibert/convert.py says why).
     model = init_model(config, seed, add_pooling_layer=any(k.startswith("bert.pooler.")
                                                            for k in state))
@@ -156,7 +168,7 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
     vocab.txt alone starts from BertConfig's defaults (bert-base's shape).
     Returns (model in eval mode, the folder read, notices worth telling the user)."""
     folder = resolve(source, weights=False)
-    notices = []
+    notices = swap_notice(source, folder)
     if (folder / "config.json").is_file():
         config, _ = _read_config(folder)
     else:

@@ -22,8 +22,9 @@ some filesystems) the swap takes three renames with a window in which DST is abs
     .NAME.tmp-*  -> .NAME.new-*   (the new folder is complete)
     NAME         -> .NAME.old-*
     .NAME.new-*  -> NAME
-A run killed in that window leaves the pieces; the next write beside them, or the next read
-of NAME (`recover`), finishes the swap from .new or undoes it from .old.
+A run killed in that window leaves the pieces; the next write beside them (`recover`)
+finishes the swap from .new or undoes it from .old, and a read of NAME meanwhile reads the
+complete side (`readable`, below).
 
 Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
 .NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID,
@@ -149,27 +150,45 @@ def recover_and_tidy(parent: str | Path) -> None:
                           f"if nothing writes there", stacklevel=3)
 
 
+def _swap_halves(dst: Path, writer_gone: bool) -> list[Path]:
+    """The halves of an interrupted swap of `dst`, the complete side first: .new folders (a
+    .new folder is complete: it was renamed so only after its fsync), then .old ones (without a
+    .new, the swap had only moved the old folder aside). With writer_gone, only those whose
+    writer is known to be gone."""
+    halves: dict[str, list[Path]] = {"new": [], "old": []}
+    with contextlib.suppress(OSError):  # no parent, or not readable: no halves to be found
+        for path in sorted(dst.parent.iterdir()):
+            match = _LEFTOVER.fullmatch(path.name)
+            if (match and match.group("name") == dst.name and match.group("kind") in halves
+                    and (not writer_gone or _writer_is_gone(
+                        int(match.group("pid")), match.group("host"), match.group("stamp")))):
+                halves[match.group("kind")].append(path)
+    return halves["new"] + halves["old"]
+
+
 def recover(dst: str | Path) -> None:
-    """If a swap of `dst` was interrupted (its writer is gone), finish it or undo it."""
+    """If a swap of `dst` was interrupted (its writer is gone), finish it from the .new half or
+    undo it from the .old one. Writers call it (`recover_and_tidy`); readers use `readable`."""
     dst = Path(dst)
     if dst.exists():
         return
-    pieces: dict[str, list[Path]] = {"new": [], "old": []}
-    with contextlib.suppress(OSError):  # no parent, or not readable: nothing to recover
-        for path in dst.parent.iterdir():
-            match = _LEFTOVER.fullmatch(path.name)
-            if (match and match.group("name") == dst.name and match.group("kind") in pieces
-                    and _writer_is_gone(int(match.group("pid")), match.group("host"),
-                                        match.group("stamp"))):
-                pieces[match.group("kind")].append(path)
-    # A .new folder is complete (it was renamed so only after its fsync): finish the swap.
-    # Without one, the swap had only moved the old folder aside: undo that.
-    for found in (pieces["new"], pieces["old"]):
-        if found:
-            with contextlib.suppress(FileNotFoundError):  # another process recovered it first
-                os.rename(found[0], dst)
-                _fsync_path(dst.parent)
-            return
+    halves = _swap_halves(dst, writer_gone=True)
+    if halves:
+        with contextlib.suppress(FileNotFoundError):  # another process recovered it first
+            os.rename(halves[0], dst)
+            _fsync_path(dst.parent)
+
+
+def readable(dst: str | Path) -> Path:
+    """What a reader of `dst` reads, writing nothing: `dst`, or where `dst` is missing because a
+    swap of it was interrupted, the complete side of that swap (the .new folder, else the .old
+    one), left as it is for the next write beside it to finish (`recover_and_tidy`). Any
+    writer's halves count: a .new folder is complete whoever made it."""
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    halves = _swap_halves(dst, writer_gone=False)
+    return halves[0] if halves else dst
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from .checkpoint import save_pretrained
 from .distributed import is_main
 from .errors import MinibertError
 from .model import BertForMaskedLM
-from .safe_write import atomic_folder, remove_folder, write_text
+from .safe_write import atomic_folder, readable, remove_folder, write_text
 from .train_config import TrainConfig
 
 STATE_FILE = "training_state.pt"
@@ -146,13 +146,15 @@ def step_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
-    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder."""
+    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder (or,
+    where a replacement of it was interrupted, its complete side: safe_write.readable). Only
+    reads: the run tidies its own out_dir before (trainer.starting_point), never the source."""
     if resume == "latest":
         found = step_checkpoints(out_dir)
         if not found:
             raise MinibertError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
         return found[-1]
-    folder = Path(resume)
+    folder = readable(resume)  # reading never writes: an interrupted swap's complete side
     if not folder.is_dir():
         raise MinibertError(f"--resume {resume}: no such folder")
     if not (folder / STATE_FILE).is_file():

@@ -114,9 +114,10 @@ with safe_write.atomic_folder({dst!r}, overwrite=True) as tmp:
 """
 
 
-def test_a_killed_swap_is_finished_or_undone_by_the_next_reader(tmp_path):
-    """SIGKILL between the three renames of a swap (where RENAME_EXCHANGE is missing): the next
-    read of DST finishes the swap from the complete .new folder, or undoes it from .old."""
+def test_a_killed_swap_is_read_from_its_complete_side_and_finished_by_the_next_write(tmp_path):
+    """SIGKILL between the three renames of a swap (where RENAME_EXCHANGE is missing): a read of
+    DST reads the complete side (.new, else .old) and changes nothing; the next write beside
+    it finishes the swap from the complete .new folder, or undoes it from .old."""
     old, new = tiny(1), tiny(2)
     save_pretrained(new, tmp_path / "new-source")
     for kill_after in (1, 2):
@@ -127,9 +128,13 @@ def test_a_killed_swap_is_finished_or_undone_by_the_next_reader(tmp_path):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert result.returncode == 9, result.stderr
         assert dst.exists() == (kill_after == 1)  # after the second rename DST is missing
-        assert which(dst, {"old": old, "new": new}) == ("old" if kill_after == 1 else "new")
+        expected = "old" if kill_after == 1 else "new"
+        names = sorted(p.name for p in dst.parent.iterdir())
+        assert which(dst, {"old": old, "new": new}) == expected
+        assert sorted(p.name for p in dst.parent.iterdir()) == names  # reading wrote nothing
         save_pretrained(tiny(3), dst.parent / f"beside-{kill_after}")  # a write beside: tidies
-        assert hidden_entries(dst.parent) == []
+        assert hidden_entries(dst.parent) == [] and dst.is_dir()
+        assert which(dst, {"old": old, "new": new}) == expected
 
 
 # ---------------------------------------------------------------------------------------------
