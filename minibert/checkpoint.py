@@ -8,6 +8,19 @@ A minibert checkpoint folder holds
 A HuggingFace folder holds config.json (model_type "bert") and model.safetensors or
 pytorch_model.bin. Every folder is written through minibert/safe_write.py (a temporary beside
 it, fsynced, renamed into place), so a crash never leaves a half-written checkpoint behind.
+
+What --overwrite (overwrite=True) replaces: a checkpoint folder, and nothing else. A checkpoint
+folder, for this purpose, holds config.json and a weight file (WEIGHT_FILES) and besides them
+only tokenizer files (vocab.txt, tokenizer_config.json, and HuggingFace's vocab.json,
+merges.txt, tokenizer.json, special_tokens_map.json, added_tokens.json): plain files, no
+subfolder, nothing else (CHECKPOINT_FILES). A folder with anything more, a README or a note or
+a subfolder, is the user's and is refused in one line, as a file is; an empty folder holds
+nothing to lose and is replaced. The path is resolved first (symlinks, "..") and never
+replaced when it is /, the home folder, the current folder or one that holds it, or a folder
+that holds the source being converted (check_overwrite). train.py's final/ is a minibert
+checkpoint folder, so a finished run replaces it; the resume checkpoints step-N hold model/
+(a checkpoint folder) and training_state.pt, and their writer checks that in the same way
+(minibert/train_state.py).
 """
 
 from __future__ import annotations
@@ -29,6 +42,10 @@ from .safe_write import atomic_folder, readable
 from .tokenizer import is_lower_case, load_tokenizer, read_vocab
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# What a checkpoint folder may hold, and so what --overwrite may delete (the module docstring).
+CHECKPOINT_FILES = frozenset({"config.json", *WEIGHT_FILES, "vocab.txt", "tokenizer_config.json",
+                              "vocab.json", "merges.txt", "tokenizer.json",
+                              "special_tokens_map.json", "added_tokens.json"})
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -218,6 +235,52 @@ def _tokenizer_files(source: Path | None, tmp: Path) -> None:
     (tmp / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower_case}) + "\n")
 
 
+def not_a_checkpoint(folder: Path) -> str | None:
+    """What makes `folder` other than a checkpoint folder: "notes.txt", "sub/", "no config.json",
+    "no weights"; None for a checkpoint folder, or an empty one."""
+    entries = sorted(folder.iterdir())
+    for entry in entries:
+        if entry.is_dir():
+            return f"{entry.name}/"
+        if entry.name not in CHECKPOINT_FILES or not entry.is_file():
+            return entry.name
+    found = {entry.name for entry in entries}
+    if entries and "config.json" not in found:
+        return "no config.json"
+    if entries and not found & set(WEIGHT_FILES):
+        return "no weights"
+    return None
+
+
+def check_overwrite(dst: str | Path, source: Path | None = None) -> Path:
+    """`dst` resolved, once it is sure that replacing it loses nothing but a checkpoint (the
+    module docstring says what that is); else MinibertError in one line. `source`: the folder
+    being converted, whose parents are never replaced."""
+    target = Path(dst).expanduser().resolve()
+    if target == target.parent:
+        raise MinibertError(f"{dst}: --overwrite never replaces /")
+    if target == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(target):
+        raise MinibertError(f"{dst}: --overwrite never replaces the current folder or a folder "
+                            f"that holds it ({target})")
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    if target == home:
+        raise MinibertError(f"{dst}: --overwrite never replaces the home folder")
+    if source is not None and source.resolve() != target and source.resolve().is_relative_to(target):
+        raise MinibertError(f"{dst}: --overwrite never replaces a folder that holds the source "
+                            f"{source}")
+    if target.exists() and not target.is_dir():
+        raise MinibertError(f"{dst}: not a folder; --overwrite replaces only a checkpoint folder")
+    problem = not_a_checkpoint(target) if target.is_dir() else None
+    if problem is not None:
+        raise MinibertError(f"{dst}: --overwrite replaces only a checkpoint folder (config.json, "
+                            f"weights, tokenizer files), and this one holds {problem}; move it "
+                            f"or choose another folder")
+    return target
+
+
 def _contiguous_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage (the q/k/v chunks of one qkv matrix).
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -225,8 +288,10 @@ def _contiguous_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def save_pretrained(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
                     overwrite: bool = False) -> Path:
-    """Write `model` as a minibert checkpoint folder; vocab files come from tokenizer_source."""
-    with atomic_folder(dst, overwrite) as tmp:
+    """Write `model` as a minibert checkpoint folder; vocab files come from tokenizer_source.
+    With overwrite, an existing dst is replaced only if it is a checkpoint (check_overwrite)."""
+    with atomic_folder(check_overwrite(dst, tokenizer_source) if overwrite else dst,
+                       overwrite) as tmp:
         config = {"model_type": "minibert", **model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(_contiguous_copies(model.state_dict()), tmp / "model.safetensors",
@@ -237,8 +302,10 @@ def save_pretrained(model: BertForMaskedLM, dst: str | Path, tokenizer_source: P
 
 def save_huggingface(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
                      overwrite: bool = False) -> Path:
-    """Write `model` in HuggingFace's BertForMaskedLM layout (what transformers loads)."""
-    with atomic_folder(dst, overwrite) as tmp:
+    """Write `model` in HuggingFace's BertForMaskedLM layout (what transformers loads). With
+    overwrite, an existing dst is replaced only if it is a checkpoint (check_overwrite)."""
+    with atomic_folder(check_overwrite(dst, tokenizer_source) if overwrite else dst,
+                       overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
         save_file(_contiguous_copies(minibert_to_hf(model.state_dict())),
                   tmp / "model.safetensors", metadata={"format": "pt"})

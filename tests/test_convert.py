@@ -294,7 +294,12 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
     (tmp_path / "dst" / "keep.txt").write_text("mine")
     result = run_convert(BERT_TINY, tmp_path / "dst")
     assert result.returncode == 1 and "already exists" in result.stderr
-    assert (tmp_path / "dst" / "keep.txt").exists()
+    result = run_convert(BERT_TINY, tmp_path / "dst", "--overwrite")  # not a checkpoint: kept
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "replaces only a checkpoint folder" in result.stderr and "keep.txt" in result.stderr
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
+    (tmp_path / "dst" / "keep.txt").unlink()
+    shutil.copytree(BERT_TINY, tmp_path / "dst", dirs_exist_ok=True)  # a checkpoint: replaced
     assert run_convert(BERT_TINY, tmp_path / "dst", "--overwrite").returncode == 0
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]

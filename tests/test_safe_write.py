@@ -4,6 +4,7 @@ kill -9 at random moments of a conversion with --overwrite."""
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -15,12 +16,15 @@ import pytest
 import torch
 
 from conftest import BERT_TINY, REPO
+from convert_weights import convert, parse_args as convert_args
 from minibert import safe_write
 from minibert.checkpoint import read_checkpoint, save_pretrained
 from minibert.data import write_atomically
 from minibert.model import BertConfig, BertForMaskedLM
 from minibert.plot import plot_runs
-from minibert.train_state import STATE_FILE, prune, step_checkpoints
+from minibert.errors import MinibertError
+from minibert.train_state import (STATE_FILE, DataPosition, prune, save_training_state,
+                                  step_checkpoints)
 
 TINY = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=16)
@@ -293,6 +297,85 @@ def test_pruning_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     prune(tmp_path, keep_last=1)
     assert seen and all(names == ["step-2"] for names in seen), seen
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What --overwrite replaces: a checkpoint folder, nothing else
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_replaces_a_checkpoint_folder_and_nothing_else(tmp_path, monkeypatch):
+    notes = tmp_path / "notes"  # the user's folder: a note and a subfolder
+    (notes / "sub").mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine")
+    (notes / "sub" / "data.txt").write_text("mine too")
+    for flags in ([], ["--overwrite"]):
+        with pytest.raises(MinibertError, match=r"notes: (already exists|--overwrite replaces "
+                                                r"only a checkpoint folder .* holds notes.txt)"):
+            convert(convert_args([str(BERT_TINY), str(notes), *flags]))
+    with pytest.raises(MinibertError, match="only a checkpoint folder"):
+        save_pretrained(tiny(1), notes, overwrite=True)
+    assert names(notes) == ["notes.txt", "sub", "sub/data.txt"]
+
+    # A checkpoint is replaced: minibert's (train.py's final/ is one), HuggingFace's, and an
+    # empty folder, which holds nothing to lose.
+    dst = tmp_path / "dst"
+    convert(convert_args([str(BERT_TINY), str(dst)]))
+    for flags in (["--to-hf"], [], []):
+        convert(convert_args([str(BERT_TINY), str(dst), "--overwrite", *flags]))
+        assert (dst / "config.json").is_file()
+    save_pretrained(tiny(2), dst, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    save_pretrained(tiny(2), tmp_path / "empty", overwrite=True)
+    assert names(tmp_path / "empty") == ["config.json", "model.safetensors"]
+
+
+def test_overwrite_never_replaces_the_current_folder_a_source_parent_home_or_root(tmp_path,
+                                                                                  monkeypatch):
+    source = tmp_path / "models" / "source"
+    save_pretrained(tiny(1), source)
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()  # empty, as work is: the rule for a checkpoint alone would let them go
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    for dst, why in ((".", "the current folder"), ("..", "the current folder"),
+                     (str(source.parent), f"holds the source {source}"),
+                     (str(home), "the home folder"), ("/", "never replaces /")):
+        with pytest.raises(MinibertError, match=re.escape(why)):
+            save_pretrained(tiny(2), dst, overwrite=True, tokenizer_source=source)
+    assert names(tmp_path) == ["home", "models", "models/source", "models/source/config.json",
+                               "models/source/model.safetensors", "work"]
+    # The command: one line, exit 1, no traceback (DST "." once crashed in with_name).
+    result = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(BERT_TINY), ".",
+                             "--overwrite"], capture_output=True, text=True, cwd=work)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr == f"error: .: --overwrite never replaces the current folder or a " \
+                            f"folder that holds it ({work})\n"
+
+
+def test_a_resume_checkpoint_replaces_only_a_resume_checkpoint(tmp_path):
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def save(folder: Path) -> None:
+        save_training_state(
+            folder, model=model, tokenizer_source=None, optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            scaler=torch.amp.GradScaler("cpu", enabled=False), rng_states=[],
+            position=DataPosition(2, 0, 2, 4, 40), config={})
+
+    step = tmp_path / "checkpoints" / "step-2"
+    save(step)
+    save(step)  # a step-N folder (model/ and training_state.pt) is replaced
+    assert names(step) == ["model", "model/config.json", "model/model.safetensors", STATE_FILE]
+    (step / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(MinibertError, match="step-2: .* holds model/notes.txt"):
+        save(step)
+    assert (step / "model" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------
