@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ASSETS, BERT_TINY, MINILM, REPO
+from convert_weights import convert, parse_args
 from minibert import load_pretrained, load_tokenizer
 from minibert.convert import hf_to_minibert
 from minibert.model import BertConfig, BertForMaskedLM
@@ -300,7 +301,7 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
     assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
     (tmp_path / "dst" / "keep.txt").unlink()
     shutil.copytree(BERT_TINY, tmp_path / "dst", dirs_exist_ok=True)  # a checkpoint: replaced
-    assert run_convert(BERT_TINY, tmp_path / "dst", "--overwrite").returncode == 0
+    convert(parse_args([str(BERT_TINY), str(tmp_path / "dst"), "--overwrite"]))
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]
 
