@@ -8,6 +8,7 @@
     with Prefetcher(blocks, layout, mask, range(start, total), device, ahead=2) as batches:
         for step in range(start, total):
             batch = next(batches)  # a StepBatch: inputs, labels, count, max_targets
+            # inputs and labels on `device`, the count still on the CPU
 
 How a global batch is cut. Every epoch draws a permutation of the training blocks from
 (seed, epoch); optimizer step t of the epoch uses the slice [t*G, (t+1)*G) of it, where
@@ -88,12 +89,14 @@ class StepBatch:
 
     inputs: torch.Tensor  # (grad_accum, batch_size, max_seq_length) masked token ids
     labels: torch.Tensor  # (grad_accum, batch_size, max_seq_length), -100 where not a target
-    count: torch.Tensor  # () int64: targets in this rank's step (summed over ranks by the loop)
+    count: torch.Tensor  # () int64 on the CPU: targets in this rank's step (summed by the loop)
     max_targets: int  # the most targets in any row of the step: the model's fixed (batch, k)
 
     def to(self, device: torch.device) -> "StepBatch":
+        """Inputs and labels on `device`. The count stays on the CPU: the loop sums it over
+        the ranks from there (distributed.CountAndVote), and only then copies it."""
         return StepBatch(to_device(self.inputs, device), to_device(self.labels, device),
-                         to_device(self.count, device), self.max_targets)
+                         self.count, self.max_targets)
 
 
 def prepare_step(blocks: np.ndarray, layout: BatchLayout, mask: Callable, step: int,
