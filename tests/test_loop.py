@@ -3,6 +3,7 @@ stop vote across processes, torch.compile as a tested path (1 process, fp16 with
 GradScaler, 2-process gloo DDP) and the choice of process-group backend."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -150,3 +151,22 @@ def test_gpu_session_script_parses_and_benchmark_help_works():
     result = subprocess.run([sys.executable, "benchmarks/trainer.py", "--help"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("usage:")
+
+
+def test_gpu_session_plan_runs_every_gpu_test_once_within_the_budget():
+    # The plan (DRY_RUN) names each part, its limit and its command; every test of
+    # tests/test_gpu.py must be selected by exactly one part's -k (terms joined by "or").
+    env = {**os.environ, "DRY_RUN": "1"}
+    result = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    parts = [re.match(r"=== ([\w-]+): limit (\d+) s: (.*)", line) for line in lines[:-1]]
+    assert all(parts), lines
+    assert int(lines[-1].split()[1]) <= 470  # seconds: 8 minutes with start-up
+    selections = [part[3].split(" -k ")[1].split(" or ") for part in parts
+                  if "tests/test_gpu.py" in part[3]]
+    tests = re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_gpu.py").read_text(), re.M)
+    for test in tests:
+        chosen = [terms for terms in selections if any(term in test for term in terms)]
+        assert len(chosen) == 1, (test, chosen)
