@@ -75,7 +75,9 @@ part() {  # part NAME LIMIT NUMBERS_REGEX COMMAND...
   found=$(grep -E "$numbers" "$log" | sed -E 's/^RESULT //')
   [[ -n $found ]] && sed 's/^/    /' <<< "$found"
   [[ $status == FAIL || $status == TIMEOUT ]] && tail -n 25 "$log" | sed 's/^/    | /'
-  rows+=("| $name | $status | $seconds s | $(tr '\n' ';' <<< "$found" | sed 's/;$//; s/;/; /g; s/|/\//g') |")
+  local cell  # the numbers as one table cell: lines joined by "; ", no "|"
+  cell=$(tr '\n' ';' <<< "$found" | sed 's/;$//; s/;/; /g; s/|/\//g')
+  rows+=("| $name | $status | $seconds s | $cell |")
 }
 
 GPU_TEST="python3 -m pytest -q -s -rs tests/test_gpu.py"

@@ -24,7 +24,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,6 +34,7 @@ from minibert.distributed import CountAndVote
 from minibert.model import BertConfig, BertForMaskedLM
 from minibert.optimizer import optimizer_step
 from minibert.trainer import build, fit, setup, train
+from test_batches import toy_blocks, toy_mask
 from test_train import (ASSETS, REPO, by_step, cache_dir, config_flags,  # noqa: F401
                         make_config, max_difference, read_metrics, run_cli, tiny_corpus,
                         tiny_model)
@@ -123,6 +123,8 @@ def gpu_work(device: torch.device, milliseconds: float):
     """A function that queues about `milliseconds` of GPU work (bf16 matmuls) without a host
     wait, calibrated here; and the GPU time one call of it takes, measured."""
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    a @ a  # cuBLAS's first call sets it up: not part of the calibration
+    torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(10):
@@ -189,19 +191,9 @@ def test_stop_vote_under_nccl_answers_a_step_later_at_little_cost(one_rank_nccl)
 # ---------------------------------------------------------------------------------------------
 # the prefetch thread on the run's device
 
-SEQ, VOCAB = 64, 1000
-
-
-def toy_blocks(count: int = 64) -> np.ndarray:
-    blocks = np.random.default_rng(0).integers(5, VOCAB, (count, SEQ), dtype=np.int32)
-    blocks[:, 0], blocks[:, -1] = 1, 2
-    return blocks
-
-
 def test_prefetch_thread_works_on_the_runs_device():
     # What the CPU test (tests/test_batches.py) cannot: pinning in the thread on a real
     # device, the thread's current device, and batches equal to those made in place.
-    from test_batches import toy_mask
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     seen = []
 
@@ -209,7 +201,7 @@ def test_prefetch_thread_works_on_the_runs_device():
         seen.append(torch.cuda.current_device())
         return toy_mask(input_ids, indices, **kwargs)
 
-    layout = BatchLayout(num_blocks=64, batch_size=4, grad_accum=2, seed=1)
+    layout = BatchLayout(num_blocks=40, batch_size=4, grad_accum=2, seed=1)
     blocks = toy_blocks()
     with Prefetcher(blocks, layout, recording_mask, range(4), device, ahead=2) as batches:
         for step in range(4):
@@ -230,11 +222,10 @@ def test_prefetch_thread_opens_no_context_on_gpu_0():
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
         import torch
         from minibert.batches import BatchLayout, Prefetcher
-        from test_batches import toy_mask
-        from test_gpu import toy_blocks
+        from test_batches import toy_blocks, toy_mask
         device = torch.device("cuda", 1)
         torch.cuda.set_device(device)
-        layout = BatchLayout(num_blocks=64, batch_size=4, grad_accum=2)
+        layout = BatchLayout(num_blocks=40, batch_size=4, grad_accum=2)
         with Prefetcher(toy_blocks(), layout, toy_mask, range(6), device, ahead=2) as batches:
             for _ in range(6):
                 next(batches)

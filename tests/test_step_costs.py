@@ -1,7 +1,7 @@
 """What each training step costs besides its compute, checked on the CPU: one collective a
 step (the masked-token count and the stop vote together), summed on the host under gloo, and
-one compiled graph for a whole run, whole-word masks included. What only a GPU shows (the host never waits for the
-device, the NCCL path on a real device) is in tests/test_gpu.py."""
+one compiled graph for a whole run, whole-word masks included. What only a GPU shows (the
+host never waits for the device, the NCCL path on a real device) is in tests/test_gpu.py."""
 
 import functools
 
