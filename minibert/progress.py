@@ -42,7 +42,7 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def say(text: str, *, file=None) -> None:
-    """Print one whole line and flush it (stderr unless `file` is given), so that a log that
-    is a file or a pipe gets it now, in order with what the other stream wrote."""
-    print(text, file=file if file is not None else sys.stderr, flush=True)
+def say(text: str) -> None:
+    """Print one whole line on stderr and flush it, so that a log that is a file or a pipe gets
+    it now, in order with what went to stdout."""
+    print(text, file=sys.stderr, flush=True)
