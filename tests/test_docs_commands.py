@@ -186,6 +186,10 @@ def parse_python(args: list[str], monkeypatch) -> tuple[int, str]:
     def stop(config, environ):
         raise Parsed(config)
 
+    def began_training(*args, **kwargs):
+        raise AssertionError("a command that is only parsed started training: patch the "
+                             "`train` it calls in parse_python")
+
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -198,7 +202,13 @@ def parse_python(args: list[str], monkeypatch) -> tuple[int, str]:
                 # its main makes before any work.
                 importlib.import_module(module).parse_args(rest)
             elif Path(args[0]).name == "train.py":
-                patch.setattr(minibert.trainer, "train", stop)  # the settings, read and checked
+                # The settings are read and checked as train.py reads them; training would
+                # start in trainer.train, wherever the command imported it from.
+                for module_name in ("minibert.trainer", "minibert.train_cli"):
+                    module_ = importlib.import_module(module_name)
+                    if hasattr(module_, "train"):
+                        patch.setattr(module_, "train", stop)
+                patch.setattr(minibert.trainer, "setup", began_training)
                 runpy.run_path(args[0], run_name="__main__")
             else:  # a docs example: its argparse parser
                 patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
