@@ -46,20 +46,21 @@ RUNS = DOCS / "runs"
 # example script -> (chapter that quotes its output, extra arguments). Output files go to a
 # temporary folder, so running the tests never rewrites docs/images; the scripts that
 # tokenize the shared corpora share one cache there (its file lock lets one build each).
+A = ["--assets", "../shared/assets"]
 EXAMPLES = {
-    "tokens_to_logits.py": ("01-tokens-to-logits.md", []),
-    "attention_map.py": ("01-tokens-to-logits.md", ["--out", "{tmp}/images/attention_map.png"]),
+    "tokens_to_logits.py": ("01-tokens-to-logits.md", A),
+    "attention_map.py": ("01-tokens-to-logits.md", A + ["--out", "{tmp}/images/attention_map.png"]),
     "masking.py": ("02-masked-language-modelling.md",
-                   ["--cache-dir", "{tmp}/cache", "--images", "{tmp}/images"]),
-    "pretraining.py": ("02-masked-language-modelling.md", ["--cache-dir", "{tmp}/cache"]),
-    "weight_names.py": ("03-weights.md", []),
-    "one_step.py": ("04-one-training-step.md", ["--cache-dir", "{tmp}/cache"]),
+                   A + ["--cache-dir", "{tmp}/cache", "--images", "{tmp}/images"]),
+    "weight_names.py": ("03-weights.md", A),
+    "one_step.py": ("04-one-training-step.md", A + ["--cache-dir", "{tmp}/cache"]),
     "lr_schedule.py": ("04-one-training-step.md", ["--images", "{tmp}/images"]),
     "loss_curves.py": ("04-one-training-step.md",
-                       ["--cache-dir", "{tmp}/cache", "--images", "{tmp}/images"]),
-    "training_step.py": ("04-training-on-several-gpus.md", ["--cache-dir", "{tmp}/cache"]),
+                       A + ["--cache-dir", "{tmp}/cache", "--images", "{tmp}/images"]),
+    "pretraining.py": ("04-one-training-step.md", A + ["--cache-dir", "{tmp}/cache"]),
+    "training_step.py": ("04-training-on-several-gpus.md", A + ["--cache-dir", "{tmp}/cache"]),
     "ddp_timeline.py": ("04-training-on-several-gpus.md", ["--images", "{tmp}/images"]),
-    "measuring.py": ("05-measuring-a-model.md", ["--cache-dir", "{tmp}/cache"]),
+    "measuring.py": ("05-measuring-a-model.md", A + ["--cache-dir", "{tmp}/cache"]),
 }
 PIXEL_RMS = 1.0  # see the module docstring, 2.
 
@@ -82,8 +83,8 @@ def example_run(tmp_path_factory) -> tuple[dict[str, str], Path]:
     for script, (_, extra) in EXAMPLES.items():
         args = [a.format(tmp=tmp) for a in extra]
         processes[script] = subprocess.Popen(
-            [sys.executable, str(DOCS / "examples" / script), "--assets", "../shared/assets",
-             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, str(DOCS / "examples" / script), *args], cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             # An example's sys.path starts at docs/examples: import this checkout's minibert,
             # not whichever copy is installed.
             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -274,6 +275,22 @@ def test_a_recorded_run_is_whole_and_its_output_and_metrics_agree(run):
               else REPO / "configs" / f"{run}.toml").read_text(encoding="utf-8")
     max_steps = int(re.search(r"^max_steps = (\d+)", config, re.M).group(1))
     assert records[-1]["step"] == max_steps and "eval_loss" in records[-1]
+
+
+def test_the_readme_quotes_the_recorded_quickstart():
+    """The README's "from about 4,660 before training to about 110 after" (and the like) are
+    the recorded run's first and last evaluation perplexities, to the figures it gives."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"perplexity goes from about ([\d,]+) before\s+training to about ([\d,]+) "
+                      r"after", text)
+    assert found, "README.md no longer quotes the quickstart's perplexities"
+    records = [r for r in recorded_metrics("quickstart") if "eval_perplexity" in r]
+    for quoted, record in zip(found.groups(), (records[0], records[-1])):
+        value = int(quoted.replace(",", ""))
+        figures = len(quoted.replace(",", "").rstrip("0"))  # 4,660: 3 figures; 110: 2
+        assert value == float(f"{record['eval_perplexity']:.{figures}g}"), (
+            f"README.md says about {quoted}; the recorded quickstart's step {record['step']} "
+            f"has {record['eval_perplexity']:.2f}")
 
 
 @pytest.mark.parametrize("run, script, pattern", [

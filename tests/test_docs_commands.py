@@ -32,7 +32,6 @@ import configparser
 import contextlib
 import importlib
 import io
-import os
 import re
 import runpy
 import shlex
@@ -296,7 +295,7 @@ def pip_install(args: list[str]) -> tuple[int, str]:
     for requirement in args:
         pinned = re.fullmatch(r"torch==([\w.]+)", requirement)
         if pinned and torch.__version__.split("+")[0] != pinned.group(1):
-            problems.append(f"pins torch {pinned.group(1)}, the tests run torch {torch.__version__}")
+            problems.append(f"pins torch {pinned.group(1)}, the tests run {torch.__version__}")
         extras = re.fullmatch(r"\.\[([\w,]+)\]", requirement)
         if extras:
             setup = configparser.ConfigParser()

@@ -30,8 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from minibert import load_pretrained, load_tokenizer  # noqa: E402
 from minibert.data import corpus_stats, load_blocks  # noqa: E402
-from minibert.masking import (IGNORE_INDEX, make_masker, mask_batch, special_token_ids,  # noqa: E402
-                              word_starts)
+from minibert.masking import (IGNORE_INDEX, make_masker, mask_batch,  # noqa: E402
+                              special_token_ids, word_starts)
 from minibert.evaluate import evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

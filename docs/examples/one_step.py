@@ -102,8 +102,9 @@ def main() -> None:
     torch.manual_seed(0)  # dropout's draws, so that the check below can repeat them
     nll, count, grad_norm, lr = train_step(model, optimizer, scheduler, inputs, labels,
                                            args.max_grad_norm)
+    vocab_size = tokenizer.get_vocab_size()
     print(f"loss = summed NLL {nll:.2f} / {count} targets = {nll / count:.4f} (uniform "
-          f"guessing: ln {tokenizer.get_vocab_size()} = {math.log(tokenizer.get_vocab_size()):.2f})")
+          f"guessing: ln {vocab_size} = {math.log(vocab_size):.2f})")
     if args.max_grad_norm:
         print(f"gradient norm {grad_norm:.3f}, clipped to {args.max_grad_norm:g}: every gradient "
               f"multiplied by {min(1.0, args.max_grad_norm / grad_norm):.3f}")
