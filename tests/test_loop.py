@@ -4,10 +4,8 @@ GradScaler, 2-process gloo DDP) and the choice of process-group backend."""
 
 import os
 import socket
-import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +89,7 @@ def assert_runs_match(a: list[dict], b: list[dict], rel: float) -> None:
     for key in ("train_loss", "grad_norm", "eval_loss"):
         x, y = by_step(a, key), by_step(b, key)
         assert x.keys() == y.keys() and x, key
+        print(f"{key}: largest relative difference {max(abs(x[k] / y[k] - 1) for k in x):.3g}")
         assert all(x[k] == pytest.approx(y[k], rel=rel) for k in x), (key, x, y)
 
 
@@ -117,31 +116,3 @@ def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
     one = make_config("eager-one-process", batch_size=2, max_steps=3, eval_every=3)
     train(one, environ={})
     assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-4)
-
-
-# ---------------------------------------------------------------------------------------------
-# the end-to-end benchmark and the GPU session script, as far as a CPU runs them
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def test_benchmark_trainer_runs_both_loops_and_prints_the_ratio():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "benchmarks/trainer.py", "--device", "cpu", "--seq", "32", "--batch",
-         "2", "--grad-accum", "2", "--steps", "20", "--warmup", "10", "--rounds", "1",
-         "--step-baseline"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert any(line.startswith("minibert step alone (train_step.py)") for line in lines)
-    assert lines[-1].startswith("ratio minibert/transformers tokens/s, whole training loop: ")
-    assert float(lines[-1].rsplit(" ", 1)[1].rstrip("x")) > 0
-
-
-def test_gpu_session_script_parses_and_benchmark_help_works():
-    assert subprocess.run(["bash", "-n", "benchmarks/gpu_session.sh"], cwd=REPO).returncode == 0
-    result = subprocess.run([sys.executable, "benchmarks/trainer.py", "--help"], cwd=REPO,
-                            capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.startswith("usage:")
