@@ -104,7 +104,10 @@ def test_compiled_steps_match_eager(make_config, fresh_compiler, precision):
         summary = train(config, environ={})
         assert summary["step"] == 3
         runs[compiled] = read_metrics(config.out_dir)
-    assert_runs_match(runs[True], runs[False], rel=1e-4 if precision == "fp32" else 2e-3)
+    # Compiled kernels fuse and reorder: fp32 rounding over 3 steps, measured <= 1e-7 relative;
+    # fp16 rounds each eager op's output to 11 bits (2^-11 = 4.9e-4) where the compiled code
+    # keeps fp32 between fused ops: the gradient norm moved by 2e-4 relative.
+    assert_runs_match(runs[True], runs[False], rel=1e-5 if precision == "fp32" else 2e-3)
 
 
 def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
@@ -115,4 +118,4 @@ def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
     assert result.returncode == 0, result.stderr[-3000:]
     one = make_config("eager-one-process", batch_size=2, max_steps=3, eval_every=3)
     train(one, environ={})
-    assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-4)
+    assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-5)

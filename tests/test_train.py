@@ -26,7 +26,13 @@ from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
 from minibert.batches import BatchLayout
 from minibert.evaluate import evaluate
+from minibert.errors import run_main
 from minibert.trainer import build, fit, linear_schedule, parameter_groups, setup, train
+
+from conftest import call_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train as train_script  # noqa: E402  (train.py, the script at the repository root)
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -419,11 +425,16 @@ def test_bad_config_file_is_a_one_line_error(tmp_path, text, message):
         parse_config(["--config", str(file)])
 
 
-def test_bad_flags_are_one_line_errors_from_the_script(tmp_path):
+def test_bad_flags_are_one_line_errors_from_the_script(tmp_path, monkeypatch, capsys):
+    # What train.py's __main__ runs, in this process (tests/test_cli.py runs the script itself
+    # in a real process with a bad flag).
+    def script(argv):
+        run_main(lambda: train_script.main(argv))
+
     for args, message in ((["--lrr", "1e-4"], "unknown setting --lrr (did you mean --lr?)"),
                           (["--batch_size", "two"], "batch_size must be int"),
                           (["--config", str(tmp_path / "missing.toml")], "no such config file")):
-        result = run_cli([sys.executable, "train.py", *args])
-        assert result.returncode == 1
-        lines = result.stderr.strip().splitlines()
+        status, stdout, stderr = call_main(script, monkeypatch, capsys, *args)
+        assert status == 1 and stdout == ""
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
