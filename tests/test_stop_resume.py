@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from minibert.train_state import (RESUME_CHANGE_WARNS, RESUME_MAY_CHANGE, RESUME
                                   load_training_state, step_checkpoints)
 from minibert.trainer import build, fit, setup, train
 from test_train import (REPO, by_step, cache_dir, config_flags, fit_with, make_config,  # noqa: F401
-                        sigterm_at, read_metrics, run_cli, tiny_corpus, tiny_model)
+                        sigterm_at, read_metrics, run_cli, tiny_config, tiny_corpus, tiny_model)
 
 
 def hidden_entries(out_dir) -> list[Path]:
@@ -150,11 +151,20 @@ def test_every_setting_has_a_rule_on_resume():
     assert sum(len(g) for g in groups) == len(classified), "a setting in two groups"
 
 
+@pytest.fixture(scope="module")
+def finished_two_step_run(tiny_model, tiny_corpus, cache_dir, tmp_path_factory) -> TrainConfig:
+    """A finished 2-step run, trained once; tests resume from a copy of it."""
+    config = tiny_config(tiny_model, tiny_corpus, cache_dir,
+                         tmp_path_factory.mktemp("finished") / "run", max_steps=2, eval_every=0)
+    train(config, environ={})
+    return config
+
+
 @pytest.mark.parametrize("change", [dict(seed=4), dict(mlm_probability=0.3), dict(dropout=0.2),
                                     dict(max_seq_length=16)])
-def test_resume_refuses_a_setting_that_changes_the_run(make_config, change):
-    config = make_config("changed", max_steps=2, eval_every=0)
-    train(config, environ={})
+def test_resume_refuses_a_setting_that_changes_the_run(finished_two_step_run, tmp_path, change):
+    config = replace(finished_two_step_run, out_dir=str(tmp_path / "changed"))
+    shutil.copytree(finished_two_step_run.out_dir, config.out_dir)  # out_dir may change
     (name, value), = change.items()
     with pytest.raises(MinibertError) as error:
         train(replace(config, resume="latest", max_steps=4, **change), environ={})

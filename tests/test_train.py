@@ -69,14 +69,19 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def tiny_config(model: Path, corpus: Path, cache: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """A run of the tiny model on the tiny corpus: 4 steps of 2 x 32 tokens, fp32 on the CPU."""
+    base = dict(model=str(model), data=str(corpus), out_dir=str(out_dir), cache_dir=str(cache),
+                max_seq_length=SEQ, batch_size=2, grad_accum=1, max_steps=4, lr=1e-3,
+                warmup_steps=1, precision="fp32", device="cpu", dropout=0.0, log_every=1,
+                eval_every=2, save_every=0, seed=3)
+    return TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture
 def make_config(tiny_model, tiny_corpus, cache_dir, tmp_path):
     def make(name: str, **overrides) -> TrainConfig:
-        base = dict(model=str(tiny_model), data=str(tiny_corpus), out_dir=str(tmp_path / name),
-                    cache_dir=str(cache_dir), max_seq_length=SEQ, batch_size=2, grad_accum=1,
-                    max_steps=4, lr=1e-3, warmup_steps=1, precision="fp32", device="cpu",
-                    dropout=0.0, log_every=1, eval_every=2, save_every=0, seed=3)
-        return TrainConfig(**{**base, **overrides})
+        return tiny_config(tiny_model, tiny_corpus, cache_dir, tmp_path / name, **overrides)
     return make
 
 
