@@ -69,7 +69,8 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def tiny_config(model: Path, corpus: Path, cache: Path, out_dir: Path, **overrides) -> TrainConfig:
+def tiny_config(model: Path, corpus: Path, cache: Path, out_dir: Path, /,
+                **overrides) -> TrainConfig:
     """A run of the tiny model on the tiny corpus: 4 steps of 2 x 32 tokens, fp32 on the CPU."""
     base = dict(model=str(model), data=str(corpus), out_dir=str(out_dir), cache_dir=str(cache),
                 max_seq_length=SEQ, batch_size=2, grad_accum=1, max_steps=4, lr=1e-3,
