@@ -105,7 +105,9 @@ def first_compiled_step(trainee: Trainee, batch: StepBatch,
     started from: no update happened (the compiled module is only the forward and backward),
     the gradients it may have accumulated are dropped and the RNG state (dropout's) is put
     back, so the run's numbers are those of an uncompiled run. An error that eager mode
-    raises too (a bad input, memory) comes out of the retry as itself."""
+    raises too (a bad input, memory) comes out of the retry as itself. In several processes
+    each rank decides for itself: ranks on the same GPU model fail alike and fall back
+    together (tested in one process only)."""
     trainee.compile_pending = False
     device = trainee.model.word_embeddings.device
     rng_before = rng_state(device)

@@ -99,7 +99,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     cpu_bf16_support), else fp16 (with loss scaling) on a GPU and fp32 on a CPU.
 
     Why this is the rule on a CPU: where bf16 is native it is as fast as fp32 or faster (the
-    quickstart's steps: 1.0x on a Xeon with AMX, 0.6-0.9x on a Zen 4, and larger models gain
+    quickstart's steps: 1.0x on a Xeon with AMX, 0.6-1.0x on a Zen 4, and larger models gain
     more: pretrain-cpu's step 0.53x and 0.86x), so auto loses nothing against either; where it
     is not, bf16 costs 1.2x to 60x (cpu_bf16_support), and fp32 is what auto must match.
 
@@ -132,15 +132,17 @@ def describe_device(device: torch.device) -> str:
 def precision_warning(precision: str, device: torch.device) -> str | None:
     """A one-line warning when the precision works but is needlessly slow here, else None.
 
-    fp16 on a CPU: no CPU torch runs on has fast fp16 matmuls, and the GradScaler adds an
-    inf/NaN check of every gradient. It stays allowed: it is how the loss-scaling path is
-    tested without a GPU. bf16 on a CPU without native bf16 (cpu_bf16_support): allowed, at
+    fp16 on a CPU: fast fp16 matmuls need AVX512-FP16 or AMX-FP16, which few CPUs have (the
+    quickstart's step took 6.6x fp32's on a Zen 4), and the GradScaler adds an inf/NaN check
+    of every gradient. It stays allowed: it is how the loss-scaling path is tested without a
+    GPU. bf16 on a CPU without native bf16 (cpu_bf16_support): allowed, at
     the cost measured in benchmarks/README.md."""
     if device.type != "cpu":
         return None
     if precision == "fp16":
-        return ("warning: precision fp16 on a CPU is several times slower than auto for the "
-                "same loss; use --precision auto (fp16 here is for testing loss scaling)")
+        return ("warning: precision fp16 on a CPU is slower than auto for the same loss (a "
+                "quickstart step: 6.6x fp32's on a Zen 4); use --precision auto (fp16 here is "
+                "for testing loss scaling)")
     if precision == "bf16":
         support = cpu_bf16_support()
         if support == "none":
