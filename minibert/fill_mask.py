@@ -40,7 +40,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import read_checkpoint
-from .cli import ArgumentParser
+from .cli import ArgumentParser, read_sentences, report_failures
 from .errors import MinibertError, run_main
 from .model import BertForMaskedLM
 from .tokenizer import load_tokenizer, spelled_special_ids
@@ -128,18 +128,7 @@ def mask_probabilities(model: BertForMaskedLM, batch_ids: list[list[int]],
                        positions: list[list[int]], pad_token_id: int) -> list[torch.Tensor]:
     """One forward pass over all sentences (padded); for sentence i, the probability of every
     vocabulary token at each of positions[i]: a (len(positions[i]), vocab) tensor."""
-    device = model.word_embeddings.device
-    input_ids = torch.full((len(batch_ids), max(map(len, batch_ids))), pad_token_id)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(batch_ids):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-    hidden = model.bert(input_ids.to(device), attention_mask.to(device))  # (batch, seq, hidden)
-    rows = [row for row, cols in enumerate(positions) for _ in cols]
-    cols = [col for cols in positions for col in cols]
-    # The head only where a mask is: the vocabulary projection is a small model's largest
-    # matrix multiply, and the logits at the other positions would be thrown away.
-    logits = model.mlm_head(hidden[rows, cols], model.word_embeddings)  # (num_masks, vocab)
+    logits = model.logits_at(batch_ids, positions, pad_token_id)  # (num_masks, vocab)
     probs = logits.float().softmax(dim=-1).cpu()
     return list(probs.split([len(cols) for cols in positions]))
 
@@ -272,16 +261,6 @@ class FillMaskArgs:
             self.sources = [f"sentence {i}" for i in range(1, len(self.texts) + 1)]
 
 
-def _read_sentences(file: Path) -> list[tuple[str, str]]:
-    """(FILE:LINE, sentence) for each non-blank line of the file."""
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MinibertError(f"{file}: cannot read sentences ({error})") from None
-    return [(f"{file}:{number}", line.strip())
-            for number, line in enumerate(lines, start=1) if line.strip()]
-
-
 HELP = """\
 how several masks are filled:
   one at a time, the model run again after each pick. Every mask but the last takes its most
@@ -315,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> FillMaskArgs:
     ns = parser.parse_args(argv)
     sentences = [(f"argument {i}", text) for i, text in enumerate(ns.text, start=1)]
     if ns.file is not None:
-        sentences += _read_sentences(ns.file)
+        sentences += read_sentences(ns.file)
     if ns.examples:
         sentences += [(f"example {i}", text) for i, text in enumerate(EXAMPLE_SENTENCES, start=1)]
     return FillMaskArgs(model=ns.model, texts=[text for _, text in sentences], top_k=ns.top_k,
@@ -330,12 +309,7 @@ def run(args: FillMaskArgs) -> int:
         print(f"note: {notice}", file=sys.stderr)
     results = fill_masks(model, load_tokenizer(folder), args.texts, args.top_k, args.order,
                          args.truncate)
-    failed = 0
-    for source, result in zip(args.sources, results):
-        if "error" in result:
-            failed += 1
-            result["error"] = {"source": source, **result["error"]}
-            print(f"error: {source}: {result['error']['message']}", file=sys.stderr)
+    failed = report_failures(results, args.sources)
     if args.json:
         print("\n".join(json.dumps(result) for result in results))
     else:

@@ -286,7 +286,7 @@ class BertForMaskedLM(nn.Module):
                 reduction: str = "mean", max_targets: int | None = None) -> torch.Tensor:
         """Without labels: logits (batch, seq, vocab). With labels (-100 = not masked): the
         cross-entropy over the masked positions, averaged ("mean") or summed ("sum").
-        max_targets: see masked_logits."""
+        max_targets: at least the most targets in any row (masked_logits says why)."""
         if labels is None:
             hidden = self.bert(input_ids, attention_mask, token_type_ids)
             return self.mlm_head(hidden, self.word_embeddings)
@@ -316,7 +316,21 @@ class BertForMaskedLM(nn.Module):
           training blocks all carry exactly round(p * (seq - 2)) targets, so nothing is
           filled and nothing wasted; rows that differ (padding, whole-word masking) cost
           k - (their targets) extra head positions each.
+
+        The contract of max_targets: k >= the most targets in any row (any larger k gives the
+        same loss). A smaller k would drop each longer row's last targets, a smaller loss
+        with no error, so it is checked where that is free: labels on the CPU in eager mode
+        raise ValueError. Labels on a GPU, or a call under torch.compile, are not checked:
+        counting there would make the host wait for the device (or break the graph), so
+        the caller keeps the contract, as the trainer does by counting on the CPU-side
+        labels before moving them (minibert/batches.py).
         """
+        if (max_targets is not None and labels.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            most = int((labels != -100).sum(dim=1).max()) if labels.numel() else 0
+            if max_targets < most:
+                raise ValueError(f"max_targets {max_targets} is below the {most} targets of a "
+                                 f"row: it would drop targets; pass at least {most}, or None")
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (batch, seq, hidden)
         if max_targets is None:
             is_masked = labels != -100  # (batch, seq)
@@ -328,6 +342,27 @@ class BertForMaskedLM(nn.Module):
         picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.mlm_head(picked, self.word_embeddings)  # (batch, k, vocab)
         return logits.flatten(0, 1), targets.flatten()  # (batch * k, vocab), (batch * k,)
+
+    def logits_at(self, sequences: list[list[int]] | list[torch.Tensor],
+                  positions: list[list[int]], pad_token_id: int) -> torch.Tensor:
+        """Logits at chosen positions of sequences of different lengths, from one forward pass:
+        (sum of len(positions[i]), vocab), the positions of sequence 0 in the order given, then
+        those of sequence 1, and so on. Fill-mask and scoring read the model this way.
+
+        The sequences (token ids: lists or 1-d tensors) are padded with pad_token_id to the
+        longest, and the padding is masked out of attention, so each sequence is read as if it
+        were alone. The head runs at the chosen positions only: the vocabulary projection is
+        the largest matrix multiply, and its logits elsewhere would be thrown away."""
+        input_ids = torch.full((len(sequences), max(map(len, sequences))), pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)  # (batch, seq): 1 = token, 0 = padding
+        for row, ids in enumerate(sequences):
+            input_ids[row, :len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        device = self.word_embeddings.device
+        hidden = self.bert(input_ids.to(device), attention_mask.to(device))  # (batch, seq, hidden)
+        rows = [row for row, cols in enumerate(positions) for _ in cols]
+        cols = [col for cols in positions for col in cols]
+        return self.mlm_head(hidden[rows, cols], self.word_embeddings)  # (num_positions, vocab)
 
     @property
     def word_embeddings(self) -> torch.Tensor:

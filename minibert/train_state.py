@@ -40,12 +40,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_pretrained
+from .checkpoint import not_a_checkpoint, save_pretrained
 from .distributed import is_main
 from .errors import MinibertError
 from .model import BertForMaskedLM
-from .plot import plot_runs
-from .safe_write import atomic_folder, remove_folder, write_text
+from .safe_write import atomic_folder, readable, remove_folder, write_text
 from .train_config import TrainConfig
 
 STATE_FILE = "training_state.pt"
@@ -64,7 +63,7 @@ class DataPosition:
 
 
 class MetricsFile:
-    """out_dir/metrics.jsonl, one JSON object per line, and its loss.png; rank 0 only."""
+    """out_dir/metrics.jsonl, one JSON object per line; rank 0 only."""
 
     def __init__(self, path: Path, keep_until_step: int | None, global_batch_size: int = 0,
                  max_seq_length: int = 0):
@@ -83,8 +82,8 @@ class MetricsFile:
                         kept.append(line + "\n")
         write_text(path, "".join(kept))
 
-    def write(self, record: dict, plot: bool = False) -> None:
-        """Append one line; with plot, also redraw loss.png beside the file."""
+    def write(self, record: dict) -> None:
+        """Append one line."""
         if is_main():
             if self.global_batch_size:
                 record = {**record, "global_batch": self.global_batch_size,
@@ -93,8 +92,6 @@ class MetricsFile:
                      for k, v in record.items()}  # JSON has no inf/NaN: a skipped step logs null
             with self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(clean) + "\n")
-            if plot:
-                plot_runs([self.path.parent], self.path.parent / "loss.png")
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -111,11 +108,29 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def not_a_resume_checkpoint(folder: Path) -> str | None:
+    """What makes `folder` other than a resume checkpoint (model/, a checkpoint folder, and
+    training_state.pt, nothing else): "notes.txt", "model/notes.txt"; None for one, or an
+    empty folder. What its writer may replace, as --overwrite replaces only a checkpoint."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "model" and entry.is_dir():
+            if (problem := not_a_checkpoint(entry)) is not None:
+                return f"model/{problem}"
+        elif entry.name != STATE_FILE or not entry.is_file():
+            return f"{entry.name}/" if entry.is_dir() else entry.name
+    return None
+
+
 def save_training_state(folder: str | Path, *, model: BertForMaskedLM, tokenizer_source: Path,
                         optimizer: torch.optim.Optimizer, scheduler: Any,
                         scaler: torch.amp.GradScaler, rng_states: list[dict],
                         position: DataPosition, config: dict) -> Path:
-    """Write one resume checkpoint folder atomically. `rng_states` holds one entry per rank."""
+    """Write one resume checkpoint folder atomically. `rng_states` holds one entry per rank.
+    An existing folder is replaced only if it is a resume checkpoint itself."""
+    if Path(folder).exists() and (problem := "not a folder" if not Path(folder).is_dir()
+                                  else not_a_resume_checkpoint(Path(folder))) is not None:
+        raise MinibertError(f"{folder}: not replaced: a resume checkpoint holds model/ and "
+                            f"{STATE_FILE} only, and this one holds {problem}")
     with atomic_folder(folder, overwrite=True) as tmp:
         save_pretrained(model, tmp / "model", tokenizer_source=tokenizer_source)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -149,13 +164,15 @@ def step_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
-    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder."""
+    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder (or,
+    where a replacement of it was interrupted, its complete side: safe_write.readable). Only
+    reads: the run tidies its own out_dir before (trainer.starting_point), never the source."""
     if resume == "latest":
         found = step_checkpoints(out_dir)
         if not found:
             raise MinibertError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
         return found[-1]
-    folder = Path(resume)
+    folder = readable(resume)  # reading never writes: an interrupted swap's complete side
     if not folder.is_dir():
         raise MinibertError(f"--resume {resume}: no such folder")
     if not (folder / STATE_FILE).is_file():

@@ -6,7 +6,8 @@ The Python scripts run in this process (each is `run(parse_args(argv), argv)` or
 measurement: the stand-in below gives the child's command line to the same script's
 parse_args and run, here. The numbers they print are not checked (they are timings); that
 every table, every row and the last line appear is. gpu.sh and gpu_session.sh run as far as
-a machine without a GPU takes them.
+a machine without a GPU takes them: gpu.sh to its "no CUDA device" exit, gpu_session.sh to
+its plan (DRY_RUN).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,25 +30,39 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: `from common import ...`
 import data as data_bench  # noqa: E402
 import fill_mask as fill_mask_bench  # noqa: E402
+import precision as precision_bench  # noqa: E402
 import train_step as train_step_bench  # noqa: E402
 import trainer as trainer_bench  # noqa: E402
 
 
 def children_in_this_process(monkeypatch, script) -> list[list[str]]:
-    """Replace the `subprocess.run([sys.executable, __file__, *argv])` with which `script`
-    starts a fresh process of itself by the same script in this process; returns the argv of
-    every child, as they are run."""
+    """Replace the `subprocess.run` or `subprocess.Popen` of `[sys.executable, __file__, *argv]`
+    with which `script` starts a fresh process of itself by the same script in this process
+    (its environment is not applied); returns the argv of every child, as they are run."""
     children = []
 
-    def run(command, **kwargs):
+    def child_output(command) -> str:
         assert command[:2] == [sys.executable, script.__file__], command
         children.append(command[2:])
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             script.run(script.parse_args(command[2:]), command[2:])
-        return subprocess.CompletedProcess(command, 0, out.getvalue(), "")
+        return out.getvalue()
 
-    monkeypatch.setattr(script, "subprocess", SimpleNamespace(run=run))
+    def run(command, **kwargs):
+        return subprocess.CompletedProcess(command, 0, child_output(command), "")
+
+    class Popen:
+        def __init__(self, command, **kwargs):
+            self.command, self.pid, self.returncode = command, os.getpid(), None
+
+        def communicate(self):
+            stdout = child_output(self.command)
+            self.returncode = 0
+            return stdout, ""
+
+    monkeypatch.setattr(script, "subprocess", SimpleNamespace(run=run, Popen=Popen,
+                                                              PIPE=subprocess.PIPE))
     return children
 
 
@@ -56,10 +72,15 @@ def run_script(script, argv: list[str], capsys) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
-@pytest.mark.parametrize("script", [data_bench, fill_mask_bench, train_step_bench, trainer_bench],
+@pytest.mark.parametrize("script", [data_bench, fill_mask_bench, precision_bench,
+                                    train_step_bench, trainer_bench],
                          ids=lambda s: Path(s.__file__).name)
-def test_help(script, capsys):
-    parse = script.parse_args
+def test_help(script, monkeypatch, capsys):
+    if script is precision_bench:  # its main() reads sys.argv
+        monkeypatch.setattr(sys, "argv", ["precision.py", "--help"])
+        parse = lambda argv: script.main()  # noqa: E731
+    else:
+        parse = script.parse_args
     with pytest.raises(SystemExit) as status:
         parse(["--help"])
     assert status.value.code == 0 and capsys.readouterr().out.startswith("usage:")
@@ -114,12 +135,18 @@ def test_data(monkeypatch, capsys, tmp_path):
     corpus = tmp_path / "train.txt"
     text = (ASSETS / "corpus" / "wikipedia-sample" / "train.txt").read_text(encoding="utf-8")
     corpus.write_text("\n".join(text.splitlines()[:30]) + "\n", encoding="utf-8")
-    lines = run_script(data_bench, ["--corpus", str(corpus), "--repeats", "1"], capsys)
-    assert sorted(child[-1] for child in children) == ["minibert", "transformers"]
-    rows = {line.split()[0]: line.split() for line in lines[2:4]}  # name cold warm blocks peak
-    assert set(rows) == {"minibert", "transformers"}
-    assert all(int(row[3]) > 0 for row in rows.values())
-    assert lines[-1].startswith("speed-up minibert vs datasets.map recipe, cold (medians): ")
+    # The large row from a 20 kB prefix of the corpus, its maps in 2 processes.
+    lines = run_script(data_bench, ["--corpus", str(corpus), "--repeats", "1", "--large-mb",
+                                    "0.02"], capsys)
+    assert sorted(child[-1] for child in children) == ["minibert"] * 2 + ["transformers"] * 2
+    assert sum("--map-processes" in child for child in children) == 2
+    assert len(lines) == 11 and lines[5] == ""
+    for table in (lines[:5], lines[6:]):  # heading, column names, two rows, the ratio
+        assert table[0].startswith("data: ")
+        rows = {line.split()[0]: line.split() for line in table[2:4]}
+        assert set(rows) == {"minibert", "transformers"}
+        assert all(int(row[4]) > 0 for row in rows.values())  # name cold MB/s warm blocks ...
+        assert table[4].startswith("speed-up minibert vs datasets.map recipe, cold (medians): ")
 
 
 def test_trainer_runs_both_loops_and_prints_the_ratio(capsys):
@@ -129,6 +156,26 @@ def test_trainer_runs_both_loops_and_prints_the_ratio(capsys):
     assert any(line.startswith("minibert step alone (train_step.py)") for line in lines)
     assert lines[-1].startswith("ratio minibert/transformers tokens/s, whole training loop: ")
     assert float(lines[-1].rsplit(" ", 1)[1].rstrip("x")) > 0
+
+
+def test_precision(monkeypatch, capsys, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, size in (("train", 4000), ("valid", 1500)):
+        text = (ASSETS / "corpus" / "wikipedia-sample" / f"{split}.txt").read_text()[:size]
+        (corpus / f"{split}.txt").write_text(text.rsplit("\n", 1)[0] + "\n", encoding="utf-8")
+    config = tmp_path / "tiny.toml"  # the quickstart's step at 2 x 32 tokens
+    config.write_text(f'model = "{BERT_TINY}"\ndata = "{corpus}"\ncache_dir = "{tmp_path}/cache"\n'
+                      'max_seq_length = 32\nbatch_size = 2\ndevice = "cpu"\n')
+    monkeypatch.chdir(tmp_path)  # the script moves to the repository root; this moves back
+    monkeypatch.setattr(sys, "argv", ["precision.py", "--config", str(config), "--repeats", "1",
+                                      "--warmup", "0"])
+    precision_bench.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpu: ") and "auto -> " in lines[1]
+    assert [line.split()[0] for line in lines[2:4]] == ["fp32", "bf16"]
+    assert all(" step " in line and " matmul " in line for line in lines[2:4])
+    assert lines[-1].startswith("load average at the end")
 
 
 def bash(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -150,3 +197,20 @@ def test_gpu_sh_without_a_gpu_says_so_and_fails():
     result = bash("benchmarks/gpu.sh")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "gpu.sh: torch sees no CUDA device"
+
+
+def test_gpu_session_plan_runs_every_gpu_test_once_within_the_budget():
+    # The plan (DRY_RUN) names each part, its limit and its command; every test of
+    # tests/test_gpu.py must be selected by exactly one part's -k (terms joined by "or").
+    result = bash("benchmarks/gpu_session.sh", DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    parts = [re.match(r"=== ([\w-]+): limit (\d+) s: (.*)", line) for line in lines[:-1]]
+    assert all(parts), lines
+    assert int(lines[-1].split()[1]) <= 470  # seconds: 8 minutes with start-up
+    selections = [part[3].split(" -k ")[1].split(" or ") for part in parts
+                  if "tests/test_gpu.py" in part[3]]
+    tests = re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_gpu.py").read_text(), re.M)
+    for test in tests:
+        chosen = [terms for terms in selections if any(term in test for term in terms)]
+        assert len(chosen) == 1, (test, chosen)

@@ -19,13 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ASSETS, BERT_TINY, MINILM, REPO
+from convert_weights import convert, parse_args
 from minibert import load_pretrained, load_tokenizer
 from minibert.convert import hf_to_minibert
-from minibert.errors import run_main
+from minibert.convert_cli import main as convert_main
 from minibert.model import BertConfig, BertForMaskedLM
 
-sys.path.insert(0, str(REPO))
-import convert_weights  # noqa: E402  (a script at the repository root)
 
 transformers = pytest.importorskip("transformers")
 # float32 through up to 12 layers in two implementations (other kernels, other orders of
@@ -155,7 +154,7 @@ def run_convert_process(*args, env=None):
 
 
 def run_convert(*args) -> subprocess.CompletedProcess:
-    """What `python convert_weights.py ARGS` runs (its __main__ line), in this process: a new
+    """What `python convert_weights.py ARGS` runs (convert_cli.main), in this process: a new
     interpreter per call would import torch again, a second or more each. Warnings are
     written to stderr under a fresh interpreter's filters, as the command would print them.
     tests/test_cli.py runs the script itself in a real process."""
@@ -169,7 +168,7 @@ def run_convert(*args) -> subprocess.CompletedProcess:
                        ResourceWarning):
             warnings.simplefilter("ignore", hidden)  # inserted in front of "default"
         with pytest.raises(SystemExit) as status:
-            run_main(lambda: convert_weights.convert(convert_weights.parse_args(argv)))
+            convert_main(argv)
     for warning in caught:
         stderr.write(warnings.formatwarning(warning.message, warning.category,
                                             warning.filename, warning.lineno))
@@ -302,7 +301,7 @@ def broken_json(folder):
     (remove_weights, "no weights"),
     (corrupt_truncated, "corrupt or truncated"),
     (corrupt_garbage, "corrupt or truncated"),
-    (short_vocab, "but the word embedding matrix has"),
+    (short_vocab, "does not match"),
     (heads_not_dividing, "not divisible"),
     (wrong_hidden, "has shape"),
     (extra_layer, "weights lack"),
@@ -335,8 +334,13 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
     (tmp_path / "dst" / "keep.txt").write_text("mine")
     result = run_convert(BERT_TINY, tmp_path / "dst")
     assert result.returncode == 1 and "already exists" in result.stderr
-    assert (tmp_path / "dst" / "keep.txt").exists()
-    assert run_convert(BERT_TINY, tmp_path / "dst", "--overwrite").returncode == 0
+    result = run_convert(BERT_TINY, tmp_path / "dst", "--overwrite")  # not a checkpoint: kept
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "replaces only a checkpoint folder" in result.stderr and "keep.txt" in result.stderr
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
+    (tmp_path / "dst" / "keep.txt").unlink()
+    shutil.copytree(BERT_TINY, tmp_path / "dst", dirs_exist_ok=True)  # a checkpoint: replaced
+    convert(parse_args([str(BERT_TINY), str(tmp_path / "dst"), "--overwrite"]))
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]
 

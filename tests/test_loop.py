@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minibert import MinibertError
-from minibert.distributed import Launch, StopVote, init
+from minibert.checkpoint import read_checkpoint
+from minibert.distributed import CountAndVote, Launch, init
 from minibert.train_state import step_checkpoints
 from minibert.trainer import train
 from test_train import (by_step, cache_dir, config_flags, make_config, read_metrics,  # noqa: F401
@@ -47,10 +48,14 @@ def free_port() -> int:
 def vote_in_two_processes(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init(Launch(rank=rank, world_size=2), "cpu")
-    vote = StopVote(torch.device("cpu"))
-    # Rank 1 alone is asked to stop during step 2; both ranks learn it at step 3.
-    answers = [vote(rank == 1 and step >= 2) for step in range(5)]
-    vote.close()
+    count_and_vote = CountAndVote(torch.device("cpu"))
+    # Rank 1 alone is asked to stop during step 2; both ranks learn it at step 3. Rank r
+    # counts r + 1 targets a step: 3 over both.
+    answers = []
+    for step in range(5):
+        stop, count = count_and_vote(rank == 1 and step >= 2, torch.tensor(rank + 1))
+        answers.append((stop, None if count is None else int(count)))
+    count_and_vote.close()
     dist.destroy_process_group()
     results[rank] = answers
 
@@ -58,12 +63,13 @@ def vote_in_two_processes(rank: int, port: int, results) -> None:
 def test_stop_vote_is_read_one_step_later_by_every_rank():
     results = mp.Manager().dict()
     mp.spawn(vote_in_two_processes, args=(free_port(), results), nprocs=2)
-    assert results[0] == results[1] == [False, False, False, True, True]
+    assert results[0] == results[1] == [(False, 3)] * 3 + [(True, None)] * 2
 
 
 def test_stop_vote_in_one_process_answers_at_once():
-    vote = StopVote(torch.device("cpu"))
-    assert [vote(r) for r in (False, True, False)] == [False, True, False]
+    count_and_vote = CountAndVote(torch.device("cpu"))
+    answers = [count_and_vote(r, torch.tensor(4)) for r in (False, True, False)]
+    assert [(stop, int(count)) for stop, count in answers] == [(False, 4), (True, 4), (False, 4)]
 
 
 def test_dist_backend_choices_are_checked():
@@ -123,3 +129,37 @@ def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
     one = make_config("eager-one-process", batch_size=4, max_steps=3, eval_every=3)
     train(one, environ={})
     assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-5)
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_the_same_results(make_config, monkeypatch,
+                                                                       capsys, fresh_compiler):
+    # As on a GPU whose Triton cannot compile the step: a backend that raises. torch.compile
+    # only raises at the first call, inside the first optimizer step; the run must say so in
+    # one line and go on exactly as an uncompiled run (dropout on: the RNG must be untouched).
+    calls = []
+
+    def broken_backend(graph, example_inputs):
+        calls.append(graph)
+        raise RuntimeError("no code for this device\nmore detail")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: real_compile(model, backend=broken_backend, **kw))
+    settings = dict(max_steps=3, eval_every=3, dropout=0.1, save_every=0)
+    failing = make_config("compile-fails", compile=True, **settings)
+    summary = train(failing, environ={})
+    out = capsys.readouterr().out
+    eager = make_config("eager", compile=False, **settings)
+    train(eager, environ={})
+
+    assert summary["step"] == 3 and len(calls) == 1  # compiled once, then never again
+    warnings = [line for line in out.splitlines() if line.startswith(("warning", "note"))]
+    assert warnings == ["warning: compiling the training step failed on the CPU "
+                        "(BackendCompilerFailed -> RuntimeError: no code for this device); "
+                        "continuing without compile"], out[-2000:]
+    # The same eager arithmetic on the same batches and RNG stream: equal to the last bit.
+    a, b = read_metrics(failing.out_dir), read_metrics(eager.out_dir)
+    for key in ("train_loss", "grad_norm", "eval_loss"):
+        assert by_step(a, key) == by_step(b, key) != {}, key
+    final = [read_checkpoint(c.out_dir + "/final")[0].state_dict() for c in (failing, eager)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
