@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .errors import MinibertError
 from .safe_write import atomic_file
-from .tokenizer import spelled_special_ids
+from .tokenizer import special_ids
 
 FORMAT_VERSION = 1  # bump when the way blocks are built changes, so old caches are not reused
 WIKITEXT_NAMES = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
@@ -63,9 +63,7 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
         raise MinibertError(f"max_seq_length must be an integer >= 3 ([CLS], one token, [SEP]), "
                             f"got {max_seq_length!r}")
     split = normalize_split(split)
-    missing = [t for t in ("[UNK]", "[CLS]", "[SEP]") if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise MinibertError(f"the tokenizer has no {missing[0]} token, needed to frame blocks")
+    special_ids(tokenizer)  # MinibertError now, rather than after tokenizing, if one is missing
     source, lines = read_split(data, split)
 
     key = hashlib.sha256()
@@ -208,7 +206,8 @@ def tokenize_lines(lines: list[str], tokenizer, *, desc: str, show_progress: boo
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
     # Text that spells a special token ("[SEP]") is matched as that token; read it as [UNK].
-    tokens[np.isin(tokens, spelled_special_ids(tokenizer))] = tokenizer.token_to_id("[UNK]")
+    ids = special_ids(tokenizer)
+    tokens[np.isin(tokens, ids.not_from_text())] = ids.unk
     return tokens
 
 
@@ -223,9 +222,9 @@ def cut_blocks(tokens: np.ndarray, tokenizer, max_seq_length: int, source: str) 
         raise MinibertError(f"{source}: {len(tokens)} tokens, too short for one block of "
                             f"max_seq_length {max_seq_length} ([CLS] {piece_length} tokens [SEP])")
     blocks = np.empty((num_blocks, max_seq_length), dtype=np.int32)
-    blocks[:, 0] = tokenizer.token_to_id("[CLS]")
+    blocks[:, 0] = special_ids(tokenizer).start  # the family's own frame: [CLS] / <s>
     blocks[:, 1:-1] = tokens[:num_blocks * piece_length].reshape(num_blocks, piece_length)
-    blocks[:, -1] = tokenizer.token_to_id("[SEP]")
+    blocks[:, -1] = special_ids(tokenizer).end  # [SEP] / </s>
     return blocks
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import read_checkpoint
+from .checkpoint import positions_held, read_checkpoint
 from .cli import ArgumentParser
 from .data import load_blocks, normalize_split
 from .distributed import all_reduce_sum, is_main, print0
@@ -155,10 +155,9 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     for notice in notices:
         if is_main():
             print(f"note: {notice}", file=sys.stderr)
-    positions = model.config.max_position_embeddings
-    if args.max_seq_length > positions:
+    if args.max_seq_length > model.config.max_sequence_length:
         raise MinibertError(f"max_seq_length {args.max_seq_length} exceeds the model's "
-                            f"max_position_embeddings ({positions})")
+                            f"{positions_held(model.config)}")
     tokenizer = load_tokenizer(folder)
     # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
     blocks = load_blocks(args.data, args.split, tokenizer, max_seq_length=args.max_seq_length,

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .batches import BatchLayout, Prefetcher, StepBatch
-from .checkpoint import random_init, read_checkpoint, save_pretrained
+from .checkpoint import positions_held, random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
 from .distributed import StopVote, all_reduce_sum, is_main, print0
 from .errors import MinibertError
@@ -131,9 +131,9 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
                                                        else config.model, seed=config.seed)
     for notice in notices:
         print0(f"note: {notice}")
-    if config.max_seq_length > model.config.max_position_embeddings:
+    if config.max_seq_length > model.config.max_sequence_length:
         raise MinibertError(f"max_seq_length {config.max_seq_length} exceeds the model's "
-                            f"max_position_embeddings ({model.config.max_position_embeddings})")
+                            f"{positions_held(model.config)}")
     tokenizer = load_tokenizer(model_folder)
 
     # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
