@@ -355,3 +355,27 @@ def test_end_to_end_distilbert(tmp_path, capsys):
     spread_head_bias(reference)
     source = save_hf(reference, tmp_path / "src", ASSETS / "tokenizer" / "bert-base-uncased")
     end_to_end(tmp_path, capsys, source, "The capital of France is [MASK].", one_process=False)
+
+
+def test_init_random_electra_from_a_config_alone_trains_and_goes_back(tmp_path):
+    """init = "random" from an ELECTRA config.json and a vocabulary (no weights), its
+    embedding width set in [model_config]: trains, and exports as ElectraForMaskedLM."""
+    from minibert.train_config import parse_config
+    from minibert.trainer import train
+
+    source = tmp_path / "electra"
+    source.mkdir()
+    config = transformers.ElectraConfig(**TINY, embedding_size=16).to_dict()
+    (source / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(BERT_TINY / "vocab.txt", source / "vocab.txt")
+    corpus = tiny_corpus(tmp_path / "corpus")
+    flags = train_flags(source, corpus, tmp_path / "run", tmp_path / "cache", max_steps=2,
+                        init="random", whole_word_mask=False)
+    train(parse_config([*flags, "--model_config", "{embedding_size = 8}"]), environ={})
+    written = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert (written["family"], written["embedding_size"], written["hidden_size"]) == \
+        ("electra", 8, 32)
+    convert(tmp_path / "run" / "final", tmp_path / "hf", "--to-hf")
+    model, info = transformers.ElectraForMaskedLM.from_pretrained(
+        str(tmp_path / "hf"), output_loading_info=True)
+    assert not info["missing_keys"] and model.config.embedding_size == 8
