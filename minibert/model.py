@@ -9,11 +9,9 @@ top to bottom. Section numbers in comments refer to that paper.
                                    BertForMaskedLM: MaskedLMHead      BertPooler (on request)
                                      -> logits (batch, seq, vocab)     -> (batch, hidden)
 
-BERT's kin are the same model with a few differences, each a BertConfig field read by one `if`
-at the line that differs: RoBERTa counts positions past the padding (pad_offset_positions),
-DistilBERT has no token types (type_vocab_size 0) and no dropout on the attention output,
-ELECTRA's embeddings are narrower than its encoder (embedding_size). docs/03-weights.md (3.7)
-sets them side by side.
+BERT's kin differ in a few lines, each a BertConfig field read by one `if` where it differs
+(docs/03-weights.md, 3.7): RoBERTa's positions (pad_offset_positions), DistilBERT's missing
+token types and attention-output dropout, ELECTRA's narrower embeddings (embedding_size).
 
 The module imports nothing from training or conversion code: it is a pure building block.
 """
@@ -60,8 +58,8 @@ class BertConfig:
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ValueError(f"type_vocab_size must be an integer >= 0, "
                              f"got {self.type_vocab_size!r}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by "
@@ -111,7 +109,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # BERT uses the exact GELU; "gelu_new" (the tanh approximation) and relu appear in some kin.
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
                "relu": F.relu}
-FAMILIES = ("bert", "roberta", "distilbert", "electra")
+FAMILY_NAMES = ("bert", "roberta", "distilbert", "electra")
 
 
 class BertEmbeddings(nn.Module):

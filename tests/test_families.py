@@ -8,7 +8,7 @@ with every LayerNorm and bias perturbed (at initialisation they are 1 and 0, and
 pair would go unnoticed). Round trips: HuggingFace -> minibert -> HuggingFace is bit-exact
 and loads into the family's class with nothing missing.
 
-Tolerance: 1e-4 absolute on fp32 outputs of magnitude ~1-10 (logits here reach 5-7), i.e.
+Tolerance: 1e-4 absolute on fp32 outputs of magnitude ~1-10 (logits here reach 1 to 6), i.e.
 about 1e-5 relative: two implementations adding the same fp32 products in another order
 differ by a few 1e-6 here, while a mis-mapped tensor moves them by 1e-2 or more (one
 LayerNorm bias moved by 1e-3 already moves the logits by 1e-4).
