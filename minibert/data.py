@@ -190,6 +190,8 @@ def tokenize_lines(lines: list[str], tokenizer, *, desc: str, show_progress: boo
 
     Lines end at whitespace, so tokenizing them one by one gives the same word pieces as
     tokenizing the whole text at once, and encode_batch can spread the lines over all cores.
+    (Byte-level BPE, where a space belongs to the next word, starts each line without one,
+    as RoBERTa's own preprocessing encodes line by line.)
     """
     if tokenizer.truncation is not None or tokenizer.padding is not None:
         # A copy that neither truncates nor pads: either would silently change the stream.
