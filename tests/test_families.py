@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -32,6 +30,8 @@ from minibert import MinibertError, load_pretrained, load_tokenizer
 from minibert.checkpoint import random_init, read_checkpoint
 from minibert.convert import config_from_hf, hf_to_minibert
 from minibert.model import BertForMaskedLM
+from minibert.train_config import TrainConfig
+from test_train import by_step, config_flags, read_metrics, run_cli
 
 transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4
@@ -256,18 +256,16 @@ def tiny_corpus(folder):
     return folder
 
 
-def train_flags(model, data, out_dir, cache_dir, **overrides) -> list[str]:
-    settings = dict(model=model, data=data, out_dir=out_dir, cache_dir=cache_dir,
-                    max_seq_length=32, batch_size=2, max_steps=4, lr=1e-3, warmup_steps=1,
-                    precision="fp32", device="cpu", dropout=0.0, log_every=1, eval_every=0,
-                    save_every=0, seed=3, whole_word_mask=True)
-    settings.update(overrides)
-    return [f"--{k}={v}" for k, v in settings.items()]
+def train_config(model, data, out_dir, cache_dir, **overrides) -> TrainConfig:
+    settings = dict(model=str(model), data=str(data), out_dir=str(out_dir),
+                    cache_dir=str(cache_dir), max_seq_length=32, batch_size=2, max_steps=4,
+                    lr=1e-3, warmup_steps=1, precision="fp32", device="cpu", dropout=0.0,
+                    log_every=1, eval_every=0, save_every=0, seed=3, whole_word_mask=True)
+    return TrainConfig(**{**settings, **overrides})
 
 
 def losses(out_dir, key: str) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
+    return by_step(read_metrics(out_dir), key)
 
 
 def spread_head_bias(hf_model) -> None:
@@ -285,21 +283,18 @@ def end_to_end(tmp_path, capsys, source, text: str, one_process: bool) -> list[d
     evaluate -> --to-hf -> transformers' pipeline; returns the pipeline's top 5."""
     from minibert import evaluate, fill_mask, score
     from minibert.trainer import train
-    from minibert.train_config import parse_config
 
     convert(source, tmp_path / "mini")
     corpus, cache = tiny_corpus(tmp_path / "corpus"), tmp_path / "cache"
-    flags = train_flags(tmp_path / "mini", corpus, tmp_path / "two", cache)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", "train.py", *flags], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                 "TOKENIZERS_PARALLELISM": "false"})
+    # test_train.py's way of running train.py on 2 processes
+    config = train_config(tmp_path / "mini", corpus, tmp_path / "two", cache)
+    result = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node=2", "train.py", *config_flags(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     final = tmp_path / "two" / "final"
     if one_process:
-        train(parse_config(train_flags(tmp_path / "mini", corpus, tmp_path / "one", cache,
-                                       batch_size=4)), environ={})
+        train(train_config(tmp_path / "mini", corpus, tmp_path / "one", cache, batch_size=4),
+              environ={})
         for key in ("train_loss", "eval_loss"):
             two, one = losses(tmp_path / "two", key), losses(tmp_path / "one", key)
             assert two.keys() == one.keys() and len(two) >= 2
@@ -369,9 +364,10 @@ def test_init_random_electra_from_a_config_alone_trains_and_goes_back(tmp_path):
     (source / "config.json").write_text(json.dumps(config))
     shutil.copyfile(BERT_TINY / "vocab.txt", source / "vocab.txt")
     corpus = tiny_corpus(tmp_path / "corpus")
-    flags = train_flags(source, corpus, tmp_path / "run", tmp_path / "cache", max_steps=2,
-                        init="random", whole_word_mask=False)
-    train(parse_config([*flags, "--model_config", "{embedding_size = 8}"]), environ={})
+    config = train_config(source, corpus, tmp_path / "run", tmp_path / "cache", max_steps=2,
+                          init="random", whole_word_mask=False)
+    train(parse_config([*config_flags(config), "--model_config", "{embedding_size = 8}"]),
+          environ={})
     written = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert (written["family"], written["embedding_size"], written["hidden_size"]) == \
         ("electra", 8, 32)
