@@ -5,10 +5,11 @@ A minibert checkpoint folder holds
     model.safetensors      minibert's state dict (the tied decoder matrix stored once)
     vocab.txt              the WordPiece vocabulary, when the source had one (RoBERTa's
                            byte-level BPE: vocab.json and merges.txt instead)
-    tokenizer_config.json  {"do_lower_case": ...} and the other settings minibert/tokenizer.py reads
+    tokenizer_config.json  {"do_lower_case": ...}: the settings minibert/tokenizer.py reads
 A HuggingFace folder holds config.json (model_type "bert", "roberta", "distilbert" or
-"electra") and model.safetensors or pytorch_model.bin. Every folder is written through minibert/safe_write.py (a temporary beside
-it, fsynced, renamed into place), so a crash never leaves a half-written checkpoint behind.
+"electra") and model.safetensors or pytorch_model.bin. Every folder is written through
+minibert/safe_write.py (a temporary beside it, fsynced, renamed into place), so a crash never
+leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations

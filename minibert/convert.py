@@ -53,7 +53,7 @@ class Family:
     # HuggingFace module -> minibert module under "bert."; "qkv[k]": the k-th of the stacked q, k, v
     encoder: dict[str, str]
     head: dict[str, str]  # HuggingFace module -> minibert module of the masked-LM head
-    decoder: str  # the head's decoder: its weight is the word embeddings (tied), its bias the head's
+    decoder: str  # the decoder: its weight is the word embeddings (tied), its bias the head's
     config_keys: dict[str, str]  # HuggingFace config key -> BertConfig field
     fixed: dict[str, object]  # BertConfig fields the family's code fixes (no config key says them)
     defaults: dict[str, object] = field(default_factory=dict)  # HF's, where a key is left out
