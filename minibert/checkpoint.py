@@ -208,14 +208,6 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
     return init_model(config, seed), folder, notices
 
 
-def positions_held(config: BertConfig) -> str:
-    """How long an input the model takes, for an error message about a longer one."""
-    text = f"max_position_embeddings ({config.max_position_embeddings})"
-    if config.max_sequence_length != config.max_position_embeddings:
-        text += f": {config.max_sequence_length} tokens, counted from pad_token_id + 1"
-    return text
-
-
 def load_pretrained(path: str | Path) -> BertForMaskedLM:
     """A BertForMaskedLM in eval mode from a minibert or HuggingFace folder, or a hub id."""
     return read_checkpoint(path)[0]

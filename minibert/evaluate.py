@@ -17,7 +17,8 @@ The command measures a checkpoint without training. It reads the split, cuts it 
 and masks them exactly as train.py's evaluation does, so with a run's max_seq_length,
 mlm_probability, eval_seed and precision, and --max_blocks set to its eval_max_blocks, it
 prints the number the run printed; batch size and process count change it only by rounding.
-Its defaults are train.py's.
+Its defaults are train.py's (tests/test_evaluate.py runs both with their defaults and compares),
+and `check_settings` is the one definition of what the settings they share may be.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,16 +37,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import positions_held, read_checkpoint
+from .checkpoint import read_checkpoint
 from .cli import ArgumentParser
 from .data import load_blocks, normalize_split
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, run_main
 from .masking import make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, resolve_device, resolve_precision
+from .precision import autocast, check_device, check_precision, resolve_device, resolve_precision
 from .tokenizer import load_tokenizer
-from .train_config import DEVICES, PRECISIONS, TrainConfig
 
 EVAL_EPOCH = 0  # evaluation masks always use this epoch (with the eval seed): fixed masks
 
@@ -108,37 +108,60 @@ def metrics(nll: float, count: int, correct: int) -> tuple[float, float, float]:
 # The command
 
 
+def check_settings(*, max_seq_length: int, eval_seed: int, mlm_probability: float,
+                   precision: str, device: str) -> None:
+    """What the settings that decide an evaluation's numbers may be: one definition, for the
+    command's arguments and for train.py's config (whose evaluation uses the same settings).
+    A bad one is a one-line MinibertError."""
+    for name, value, ok, requirement in (
+            ("max_seq_length", max_seq_length, max_seq_length >= 3, ">= 3 ([CLS], a token, [SEP])"),
+            ("eval_seed", eval_seed, eval_seed >= 0, ">= 0"),
+            ("mlm_probability", mlm_probability, 0.0 < mlm_probability <= 1.0, "in (0, 1]")):
+        if not ok:
+            raise MinibertError(f"{name} must be {requirement}, got {value!r}")
+    check_precision(precision)
+    check_device(device)
+
+
+def check_block_length(max_seq_length: int, model: BertForMaskedLM) -> None:
+    """Blocks of max_seq_length tokens fit the model's position embeddings (RoBERTa's hold
+    pad_token_id + 1 fewer tokens than positions: BertConfig.max_sequence_length)."""
+    config = model.config
+    if max_seq_length > config.max_sequence_length:
+        offset = ("" if config.max_sequence_length == config.max_position_embeddings else
+                  f": {config.max_sequence_length} tokens, counted from pad_token_id + 1")
+        raise MinibertError(f"max_seq_length {max_seq_length} exceeds the model's "
+                            f"max_position_embeddings ({config.max_position_embeddings}{offset})")
+
+
 @dataclass
 class EvaluateArgs:
-    """What `python -m minibert.evaluate` measures. Defaults are train.py's, so that the same
-    settings give the same number as a training run's evaluation."""
+    """What `python -m minibert.evaluate` measures. Defaults are train.py's (TrainConfig's), so
+    that the same settings give the same number as a training run's evaluation."""
 
     model: str  # checkpoint folder (minibert or HuggingFace) or hub id
     data: str  # hub dataset name, or a folder with train/valid/test text files
     split: str = "validation"  # train|validation|test ("valid" is accepted)
-    max_seq_length: int = TrainConfig.max_seq_length  # tokens per block, [CLS] and [SEP] included
+    max_seq_length: int = 512  # tokens per block, [CLS] and [SEP] included
     batch_size: int = 32  # sequences per forward pass on each process (changes only rounding)
-    eval_seed: int = TrainConfig.eval_seed  # seeds the fixed masks (train.py's eval_seed)
-    mlm_probability: float = TrainConfig.mlm_probability  # fraction of each block's tokens masked
+    eval_seed: int = 0  # seeds the fixed masks (train.py's eval_seed)
+    mlm_probability: float = 0.15  # fraction of each block's tokens masked
     max_blocks: int | None = None  # the first N blocks only (train.py's eval_max_blocks)
-    whole_word_mask: bool = TrainConfig.whole_word_mask  # mask whole words (train.py's setting)
-    precision: str = TrainConfig.precision  # auto|fp32|fp16|bf16; auto: bf16 where supported
-    device: str = TrainConfig.device  # auto|cpu|cuda; auto: cuda when a GPU is visible
-    cache_dir: str = TrainConfig.cache_dir  # where tokenized blocks are cached (as train.py)
+    whole_word_mask: bool = False  # mask whole words (train.py's setting)
+    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: bf16 where supported
+    device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
+    cache_dir: str = "~/.cache/minibert"  # where tokenized blocks are cached (as train.py)
     json: bool = False  # one JSON object instead of the plain listing
 
     def __post_init__(self) -> None:
         self.split = normalize_split(self.split)
-        for name, ok, requirement in (
-                ("max_seq_length", self.max_seq_length >= 3, ">= 3 ([CLS], a token, [SEP])"),
-                ("batch_size", self.batch_size >= 1, ">= 1"),
-                ("eval_seed", self.eval_seed >= 0, ">= 0"),
-                ("mlm_probability", 0.0 < self.mlm_probability <= 1.0, "in (0, 1]"),
-                ("max_blocks", self.max_blocks is None or self.max_blocks >= 1, ">= 1"),
-                ("precision", self.precision in PRECISIONS, f"one of {'|'.join(PRECISIONS)}"),
-                ("device", self.device in DEVICES, f"one of {'|'.join(DEVICES)}")):
-            if not ok:
-                raise MinibertError(f"{name} must be {requirement}, got {getattr(self, name)!r}")
+        check_settings(max_seq_length=self.max_seq_length, eval_seed=self.eval_seed,
+                       mlm_probability=self.mlm_probability, precision=self.precision,
+                       device=self.device)
+        for name in ("batch_size", "max_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MinibertError(f"{name} must be >= 1, got {value!r}")
 
 
 def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
@@ -155,9 +178,7 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     for notice in notices:
         if is_main():
             print(f"note: {notice}", file=sys.stderr)
-    if args.max_seq_length > model.config.max_sequence_length:
-        raise MinibertError(f"max_seq_length {args.max_seq_length} exceeds the model's "
-                            f"{positions_held(model.config)}")
+    check_block_length(args.max_seq_length, model)
     tokenizer = load_tokenizer(folder)
     # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
     blocks = load_blocks(args.data, args.split, tokenizer, max_seq_length=args.max_seq_length,

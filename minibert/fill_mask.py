@@ -131,18 +131,7 @@ def mask_probabilities(model: BertForMaskedLM, batch_ids: list[list[int]],
                        positions: list[list[int]], pad_token_id: int) -> list[torch.Tensor]:
     """One forward pass over all sentences (padded); for sentence i, the probability of every
     vocabulary token at each of positions[i]: a (len(positions[i]), vocab) tensor."""
-    device = model.word_embeddings.device
-    input_ids = torch.full((len(batch_ids), max(map(len, batch_ids))), pad_token_id)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(batch_ids):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-    hidden = model.bert(input_ids.to(device), attention_mask.to(device))  # (batch, seq, hidden)
-    rows = [row for row, cols in enumerate(positions) for _ in cols]
-    cols = [col for cols in positions for col in cols]
-    # The head only where a mask is: the vocabulary projection is a small model's largest
-    # matrix multiply, and the logits at the other positions would be thrown away.
-    logits = model.mlm_head(hidden[rows, cols], model.word_embeddings)  # (num_masks, vocab)
+    logits = model.logits_at(batch_ids, positions, pad_token_id)  # (num_masks, vocab)
     probs = logits.float().softmax(dim=-1).cpu()
     return list(probs.split([len(cols) for cols in positions]))
 

@@ -56,8 +56,7 @@ class BertConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
-            raise ValueError(f"type_vocab_size must be an integer >= 0, "
-                             f"got {self.type_vocab_size!r}")
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
         if self.family not in FAMILY_NAMES:
             raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)}")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -87,10 +86,8 @@ class BertConfig:
 
     @property
     def max_sequence_length(self) -> int:
-        """The longest input, [CLS] and [SEP] included: every position, less the
-        pad_token_id + 1 that RoBERTa's count starts after (514 positions: 512 tokens)."""
-        return self.max_position_embeddings - (self.pad_token_id + 1 if self.pad_offset_positions
-                                               else 0)
+        """The longest input: every position, less RoBERTa's offset (514 positions: 512 tokens)."""
+        return self.max_position_embeddings - self.pad_offset_positions * (self.pad_token_id + 1)
 
     @classmethod
     def from_dict(cls, values: dict) -> "BertConfig":
@@ -381,6 +378,27 @@ class BertForMaskedLM(nn.Module):
         picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.mlm_head(picked, self.word_embeddings)  # (batch, k, vocab)
         return logits.flatten(0, 1), targets.flatten()  # (batch * k, vocab), (batch * k,)
+
+    def logits_at(self, sequences: list[list[int]] | list[torch.Tensor],
+                  positions: list[list[int]], pad_token_id: int) -> torch.Tensor:
+        """Logits at chosen positions of sequences of different lengths, from one forward pass:
+        (sum of len(positions[i]), vocab), the positions of sequence 0 in the order given, then
+        those of sequence 1, and so on. Fill-mask and scoring read the model this way.
+
+        The sequences (token ids: lists or 1-d tensors) are padded with pad_token_id to the
+        longest, and the padding is masked out of attention, so each sequence is read as if it
+        were alone. The head runs at the chosen positions only: the vocabulary projection is
+        the largest matrix multiply, and its logits elsewhere would be thrown away."""
+        input_ids = torch.full((len(sequences), max(map(len, sequences))), pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)  # (batch, seq): 1 = token, 0 = padding
+        for row, ids in enumerate(sequences):
+            input_ids[row, :len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        device = self.word_embeddings.device
+        hidden = self.bert(input_ids.to(device), attention_mask.to(device))  # (batch, seq, hidden)
+        rows = [row for row, cols in enumerate(positions) for _ in cols]
+        cols = [col for cols in positions for col in cols]
+        return self.mlm_head(hidden[rows, cols], self.word_embeddings)  # (num_positions, vocab)
 
     @property
     def word_embeddings(self) -> torch.Tensor:

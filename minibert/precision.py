@@ -1,6 +1,7 @@
 """Device and numerics of a run: where it computes, in which precision, and the autocast
-context for it.
+context for it. The choices are named here, once, for train.py and every command.
 
+    check_device(device); check_precision(precision)    # a MinibertError for a choice not offered
     device_type = resolve_device("auto")                # "cuda" when a GPU is visible, else "cpu"
     precision = resolve_precision("auto", device)      # "bf16" on CPUs and Ampere+, else "fp16"
     with autocast(device, precision):
@@ -17,6 +18,21 @@ import contextlib
 import torch
 
 from .errors import MinibertError
+
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when a GPU is visible
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: bf16 where supported, else fp16
+
+
+def check_device(device: str) -> None:
+    """A one-line MinibertError unless `device` is one of DEVICES."""
+    if device not in DEVICES:
+        raise MinibertError(f"device must be one of {'|'.join(DEVICES)}, got {device!r}")
+
+
+def check_precision(precision: str) -> None:
+    """A one-line MinibertError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise MinibertError(f"precision must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
 
 
 def resolve_device(device: str) -> str:

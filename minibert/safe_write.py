@@ -25,9 +25,11 @@ some filesystems) the swap takes three renames with a window in which DST is abs
 A run killed in that window leaves the pieces; the next write beside them, or the next read
 of NAME (`recover`), finishes the swap from .new or undoes it from .old.
 
-Leftovers. The PID and host in a temporary's name tell whether its writer is still running.
-`tidy`, called before every write, deletes the leftovers of writers that are gone and names in
-a warning those it cannot judge (another machine's, or an older minibert's).
+Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
+.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID
+and host in it tell whether its maker is still running. `recover_and_tidy`, called before every
+write, finishes or undoes the swaps and deletes the leftovers of makers that are gone, and
+names in a warning those it cannot judge (another machine's, or an older minibert's).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ from typing import Iterator
 
 from .errors import MinibertError
 
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<pid>\d+)-(?P<host>[A-Za-z0-9]*)"
-                       r"-[0-9a-f]{6}")
-_FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old)-.+|.+\.\d+\.tmp")  # older names
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old|del)-(?P<pid>\d+)-"
+                       r"(?P<host>[A-Za-z0-9]*)-[0-9a-f]{6}")
+_FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old|del)-.+|.+\.\d+\.tmp")  # older names
 
 
 def _host() -> str:
@@ -86,9 +88,9 @@ def _delete(path: Path) -> None:
             path.unlink()
 
 
-def tidy(parent: str | Path) -> None:
-    """Finish or undo the interrupted swaps in `parent` and delete the temporaries of writers
-    that are gone; warn about leftovers whose writer cannot be judged."""
+def recover_and_tidy(parent: str | Path) -> None:
+    """Finish or undo the interrupted swaps in `parent` (`recover`) and delete the leftovers of
+    writers that are gone; warn about leftovers whose writer cannot be judged."""
     parent = Path(parent)
     try:
         entries = sorted(parent.iterdir())
@@ -140,7 +142,7 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if dst.exists() and not overwrite:
         raise MinibertError(f"{dst}: already exists (choose a new folder or pass --overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tidy(dst.parent)
+    recover_and_tidy(dst.parent)
     tmp = _aside(dst, "tmp")
     os.mkdir(tmp)  # mode 0o777 less the umask
     try:
@@ -168,7 +170,7 @@ def atomic_file(dst: str | Path) -> Iterator[Path]:
     rename it over `dst` in one step, else delete it."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tidy(dst.parent)
+    recover_and_tidy(dst.parent)
     tmp = _aside(dst, "tmp")
     try:
         yield tmp
@@ -188,11 +190,12 @@ def write_text(dst: str | Path, text: str) -> None:
 
 def remove_folder(path: str | Path) -> None:
     """Delete a folder so that no reader ever sees it half-deleted: rename it aside in one
-    step, then delete it (a kill in between leaves a leftover that `tidy` removes)."""
+    step, then delete it (a kill in between leaves a .del leftover that `recover_and_tidy`
+    removes)."""
     path = Path(path)
     if not path.exists():
         return
-    aside = _aside(path, "tmp")
+    aside = _aside(path, "del")
     os.rename(path, aside)
     _fsync_path(path.parent)
     _delete(aside)

@@ -44,9 +44,8 @@ from .cli import ArgumentParser
 from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
-from .precision import resolve_device
+from .precision import check_device, resolve_device
 from .tokenizer import load_tokenizer, special_ids
-from .train_config import DEVICES
 
 DEFAULT_BATCH_SIZE = 32  # masked copies per forward pass
 
@@ -96,19 +95,12 @@ def _chunk_logprobs(model: BertForMaskedLM, chunk: list[tuple[int, int, torch.Te
                     sentences: list[torch.Tensor], pad_token_id: int) -> list[float]:
     """One forward pass over a chunk of masked copies (padded to the longest): for each copy,
     log P(original token) at its hidden position."""
-    device = model.word_embeddings.device
-    input_ids = torch.full((len(chunk), max(len(copy) for _, _, copy in chunk)), pad_token_id)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (_, _, copy) in enumerate(chunk):
-        input_ids[row, :len(copy)] = copy
-        attention_mask[row, :len(copy)] = 1
-    rows = torch.arange(len(chunk), device=device)
-    positions = torch.tensor([position for _, position, _ in chunk], device=device)
-    targets = torch.stack([sentences[index][position] for index, position, _ in chunk]).to(device)
-    hidden = model.bert(input_ids.to(device), attention_mask.to(device))  # (chunk, seq, hidden)
-    # The head at the hidden positions only: (chunk, vocab) logits, not (chunk, seq, vocab).
-    logits = model.mlm_head(hidden[rows, positions], model.word_embeddings)  # (chunk, vocab)
-    return logits.float().log_softmax(dim=-1)[rows, targets].tolist()
+    copies = [copy for _, _, copy in chunk]
+    positions = [[position] for _, position, _ in chunk]  # one hidden position per copy
+    logits = model.logits_at(copies, positions, pad_token_id)  # (chunk, vocab)
+    rows = torch.arange(len(chunk), device=logits.device)
+    targets = torch.stack([sentences[index][position] for index, position, _ in chunk])
+    return logits.float().log_softmax(dim=-1)[rows, targets.to(logits.device)].tolist()
 
 
 @torch.inference_mode()
@@ -178,8 +170,7 @@ class ScoreArgs:
             raise MinibertError("no sentence to score: pass TEXT or --file F")
         if self.batch_size < 1:
             raise MinibertError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise MinibertError(f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
+        check_device(self.device)
 
 
 def _read_sentences(file: Path) -> list[str]:

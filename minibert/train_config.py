@@ -18,21 +18,24 @@ import inspect
 import io
 import re
 import tokenize
-import tomllib
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: tomli, the package tomllib was made from (same API)
+    import tomli as tomllib
+
 from .cli import ArgumentParser
 from .distributed import BACKENDS
 from .errors import MinibertError
+from .evaluate import check_settings
 from .model import BertConfig
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 INITS = ("pretrained", "random")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -89,15 +92,19 @@ class TrainConfig:
     peak_tflops: float | None = None  # per-device peak for MFU (None: looked up for known GPUs)
 
     def __post_init__(self) -> None:
-        for name in ("max_seq_length", "batch_size", "grad_accum", "epochs", "log_every"):
+        try:  # the settings an evaluation shares with the evaluate command: its rules
+            check_settings(max_seq_length=self.max_seq_length, eval_seed=self.eval_seed,
+                           mlm_probability=self.mlm_probability, precision=self.precision,
+                           device=self.device)
+        except MinibertError as error:
+            raise MinibertError(f"config: {error}") from None
+        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("max_steps", "eval_max_blocks", "eval_batch_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, "must be >= 1")
-        for name in ("eval_every", "save_every", "keep_last", "seed", "eval_seed"):
+        for name in ("eval_every", "save_every", "keep_last", "seed"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
-        _check(self.max_seq_length >= 3, "max_seq_length", "must leave room for a token "
-               "between [CLS] and [SEP] (>= 3)")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", "must be in [0, 1]")
@@ -106,12 +113,9 @@ class TrainConfig:
         _check(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
         _check(self.adam_eps > 0, "adam_eps", "must be > 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
-        _check(self.precision in PRECISIONS, "precision", f"must be one of {'|'.join(PRECISIONS)}")
-        _check(self.device in DEVICES, "device", f"must be one of {'|'.join(DEVICES)}")
         _check(self.dist_backend in BACKENDS, "dist_backend",
                f"must be one of {'|'.join(BACKENDS)}")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        _check(0.0 < self.mlm_probability <= 1.0, "mlm_probability", "must be in (0, 1]")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
         for name in ("model", "data", "out_dir", "cache_dir"):
             _check(getattr(self, name) != "", name, "must not be empty")
@@ -121,10 +125,6 @@ class TrainConfig:
             _check(self.init == "random", "model_config", 'reshapes the model, so it needs '
                    'init = "random" (to change a pretrained model\'s dropout, set dropout)')
             _check_model_config(self.model_config)
-
-    def global_batch_size(self, world_size: int) -> int:
-        """Sequences per optimizer step, over all micro-batches and processes."""
-        return self.batch_size * self.grad_accum * world_size
 
 
 def _check(ok: bool, name: str, requirement: str) -> None:

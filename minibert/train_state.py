@@ -44,7 +44,6 @@ from .checkpoint import save_pretrained
 from .distributed import is_main
 from .errors import MinibertError
 from .model import BertForMaskedLM
-from .plot import plot_runs
 from .safe_write import atomic_folder, remove_folder, write_text
 from .train_config import TrainConfig
 
@@ -64,7 +63,7 @@ class DataPosition:
 
 
 class MetricsFile:
-    """out_dir/metrics.jsonl, one JSON object per line, and its loss.png; rank 0 only."""
+    """out_dir/metrics.jsonl, one JSON object per line; rank 0 only."""
 
     def __init__(self, path: Path, keep_until_step: int | None, global_batch_size: int = 0,
                  max_seq_length: int = 0):
@@ -83,8 +82,8 @@ class MetricsFile:
                         kept.append(line + "\n")
         write_text(path, "".join(kept))
 
-    def write(self, record: dict, plot: bool = False) -> None:
-        """Append one line; with plot, also redraw loss.png beside the file."""
+    def write(self, record: dict) -> None:
+        """Append one line."""
         if is_main():
             if self.global_batch_size:
                 record = {**record, "global_batch": self.global_batch_size,
@@ -93,8 +92,6 @@ class MetricsFile:
                      for k, v in record.items()}  # JSON has no inf/NaN: a skipped step logs null
             with self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(clean) + "\n")
-            if plot:
-                plot_runs([self.path.parent], self.path.parent / "loss.png")
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

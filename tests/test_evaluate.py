@@ -154,11 +154,44 @@ def test_shared_checkpoint_offline(monkeypatch, capsys):
     assert 4 < result["loss"] < 12  # a real model: far from uniform (10.33) in either direction
 
 
-def test_defaults_are_train_py_defaults():
-    args, config = EvaluateArgs(model="m", data="d"), TrainConfig()
-    for name in ("max_seq_length", "mlm_probability", "precision", "device", "cache_dir"):
-        assert getattr(args, name) == getattr(config, name), name
-    assert args.eval_seed == config.eval_seed and args.max_blocks == config.eval_max_blocks
+@pytest.fixture(scope="module")
+def long_block_corpus(tmp_path_factory) -> Path:
+    """About 2 training and 5 validation blocks of 512 tokens (train.py's default length)."""
+    folder = tmp_path_factory.mktemp("long-block-corpus")
+    for split, size in (("train", 6_000), ("valid", 12_000)):
+        text = (BERT_TINY.parents[1] / "corpus" / "wikipedia-sample" / f"{split}.txt").read_text(
+            encoding="utf-8")[:size]
+        (folder / f"{split}.txt").write_text(text.rsplit("\n", 1)[0] + "\n", encoding="utf-8")
+    return folder
+
+
+def test_defaults_give_the_numbers_of_train_py_defaults(monkeypatch, capsys, long_block_corpus,
+                                                        tmp_path):
+    """The claim behind EvaluateArgs' defaults: a run that leaves every evaluation setting at
+    train.py's default and the command left at its own defaults measure the same thing. Only
+    what is not an evaluation setting is set: where to read and write, a short run, and the
+    evaluation batch (the command's 32, so that both sum the same batches: batch size changes
+    only rounding). A default of either side that moved away from the other (max_seq_length,
+    eval_seed, mlm_probability, whole_word_mask, precision, device, max_blocks) changes the
+    blocks, the masks or the numerics, and the numbers with them."""
+    config = TrainConfig(model=str(BERT_TINY), data=str(long_block_corpus),
+                         out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                         batch_size=2, max_steps=1, log_every=1, save_every=0,
+                         eval_batch_size=EvaluateArgs(model="m", data="d").batch_size)
+    train(config, environ={})
+    final = [r for r in read_metrics(config.out_dir) if r["step"] == 1 and "eval_loss" in r][0]
+
+    capsys.readouterr()  # train.py's own output
+    status, stdout, stderr = run_main(monkeypatch, capsys, "--model",
+                                      str(Path(config.out_dir) / "final"), "--data",
+                                      str(long_block_corpus), "--cache_dir", config.cache_dir,
+                                      "--json")
+    assert status == 0, stderr
+    result = json.loads(stdout)
+    assert result["blocks"] > 1 and result["masking"] == final["eval_masking"]
+    # The same model, blocks, masks, batches and precision in one process: the same sums.
+    assert result["accuracy"] == final["eval_accuracy"]
+    assert result["loss"] == pytest.approx(final["eval_loss"], rel=1e-6, abs=0)
 
 
 def test_help():

@@ -29,6 +29,7 @@ from conftest import ASSETS, BERT_TINY, REPO
 from minibert import MinibertError, load_pretrained, load_tokenizer
 from minibert.checkpoint import random_init, read_checkpoint
 from minibert.convert import config_from_hf, hf_to_minibert
+from minibert.evaluate import check_block_length
 from minibert.model import BertForMaskedLM
 from minibert.train_config import TrainConfig
 from test_train import by_step, config_flags, read_metrics, run_cli
@@ -129,6 +130,13 @@ def test_parity_real_roberta_checkpoint():
     # Positions skip the padding: a row gives the same logits padded or alone.
     alone = ours(ids[1:, :48])
     assert max_diff(alone, ours(ids, mask)[1:, :48]) <= TOLERANCE
+    # 146 positions hold 144 tokens: blocks and sentences are held to that.
+    check_block_length(144, ours)
+    with pytest.raises(MinibertError, match=r"\(146: 144 tokens, counted from pad_token_id"):
+        check_block_length(145, ours)
+    from minibert.fill_mask import fill_masks
+    too_long = fill_masks(ours, load_tokenizer(SAPIENS), ["A" * 142 + "<mask>"])[0]
+    assert "only 144 positions" in too_long["error"]["message"]
 
 
 def load_convert_weights():

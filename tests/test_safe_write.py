@@ -212,6 +212,8 @@ def test_leftovers_of_killed_writers_are_removed_by_the_next_write_beside_them(t
     (stale_folder / "model.safetensors").write_bytes(b"half")
     stale_file = tmp_path / f".loss.png.tmp-{dead_pid()}-{host}-3d4e5f"
     stale_file.write_bytes(b"half")
+    deleting = tmp_path / f".step-3.del-{dead_pid()}-{host}-6a7b8c"  # a killed remove_folder
+    deleting.mkdir()
     live = tmp_path / f".step-5.tmp-{os.getppid()}-{host}-abcdef"  # its writer still runs
     live.mkdir()
     foreign = tmp_path / f".step-6.tmp-{dead_pid()}-otherhost-123456"  # another machine's
@@ -221,7 +223,7 @@ def test_leftovers_of_killed_writers_are_removed_by_the_next_write_beside_them(t
 
     with pytest.warns(UserWarning) as caught:
         save_pretrained(tiny(1), tmp_path / "step-8")
-    assert not stale_folder.exists() and not stale_file.exists()
+    assert not stale_folder.exists() and not stale_file.exists() and not deleting.exists()
     assert live.exists()  # a running writer's temporary is never touched
     warned = " ".join(str(w.message) for w in caught)
     assert str(foreign) in warned and str(old_style) in warned

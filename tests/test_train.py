@@ -26,7 +26,8 @@ from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
 from minibert.batches import BatchLayout
 from minibert.evaluate import evaluate
-from minibert.trainer import build, fit, linear_schedule, parameter_groups, setup, train
+from minibert.optimizer import linear_schedule, parameter_groups
+from minibert.trainer import build, fit, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -413,6 +414,41 @@ def test_bad_config_file_is_a_one_line_error(tmp_path, text, message):
     file.write_text(text)
     with pytest.raises(MinibertError, match=message):
         parse_config(["--config", str(file)])
+
+
+# Python 3.10 has no tomllib: setup.cfg installs tomli there, the package tomllib was made from
+# (PEP 680: same loads and TOMLDecodeError). Here tomllib is hidden, and a module named tomli
+# that hands on tomllib's own functions (counting the calls) stands in for the package.
+WITHOUT_TOMLLIB = """
+import sys, tomllib, types
+calls = []
+tomli = types.ModuleType("tomli")
+tomli.TOMLDecodeError = tomllib.TOMLDecodeError
+tomli.loads = lambda text, **kw: calls.append(text) or tomllib.loads(text, **kw)
+sys.modules["tomli"], sys.modules["tomllib"] = tomli, None  # None: `import tomllib` fails
+from minibert.errors import MinibertError
+from minibert.train_config import parse_config
+config = parse_config(["--config", sys.argv[1], "--model_config", "{hidden_size = 64}",
+                       "--init", "random"])
+assert (config.lr, config.model_config) == (1e-4, {"hidden_size": 64}), config
+try:
+    parse_config(["--config", sys.argv[2]])
+except MinibertError as error:
+    assert "not valid TOML" in str(error), error
+else:
+    raise AssertionError("bad TOML was read")
+assert len(calls) == 3, calls
+print("read through tomli")
+"""
+
+
+def test_config_files_are_read_without_tomllib(tmp_path):
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("lr = 1e-4\n")
+    bad.write_text("lr = \n")
+    result = run_cli([sys.executable, "-c", WITHOUT_TOMLLIB, str(good), str(bad)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "read through tomli\n"
 
 
 def test_bad_flags_are_one_line_errors_from_the_script(tmp_path):
