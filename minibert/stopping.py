@@ -3,7 +3,7 @@ at the next step boundary, a second one stops at once.
 
     with StopRequest() as stop:
         while step < total_steps:
-            if stop.requested:      # the trainer agrees on this across ranks (StopVote)
+            if stop.requested:      # the trainer agrees on this across ranks (CountAndVote)
                 break
             ...
 
