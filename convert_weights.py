@@ -8,6 +8,8 @@ SRC may be a HuggingFace folder (BERT, RoBERTa, DistilBERT or ELECTRA: the encod
 its masked-LM head, or its pre-training class; model.safetensors or pytorch_model.bin) or a
 minibert folder; DST is written atomically. --to-hf writes the family's masked-LM class
 (BertForMaskedLM, RobertaForMaskedLM, DistilBertForMaskedLM, ElectraForMaskedLM).
+--overwrite replaces an existing DST only if it is a checkpoint folder: config.json, weights
+and tokenizer files, nothing else (minibert/checkpoint.py); anything else is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ConvertArgs:
     src: str  # checkpoint folder or hub id to read
     dst: Path  # folder to write; must not exist unless overwrite
     to_hf: bool = False  # write the family's HuggingFace masked-LM layout, not minibert's
-    overwrite: bool = False  # replace dst if it exists
+    overwrite: bool = False  # replace dst if it is a checkpoint folder (checkpoint.py says which)
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertArgs:
@@ -36,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument("--to-hf", action="store_true",
                         help="write the HuggingFace layout of the model's family "
                              "(BertForMaskedLM, RobertaForMaskedLM, ...) for transformers")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is a checkpoint folder (config.json, weights, "
+                             "tokenizer files; nothing else)")
     return ConvertArgs(**vars(parser.parse_args(argv)))
 
 

@@ -7,7 +7,7 @@ one where a reader looks. Everything minibert writes goes through here.
         figure.savefig(tmp)
 
 How. The new content is written under a hidden temporary name beside the target,
-`.NAME.tmp-PID-HOST-XXXXXX`, so that the final rename stays inside one filesystem. Every file
+`.NAME.tmp-PID-HOST-STAMP-XXXXXX`, so that the final rename stays inside one filesystem. Every file
 and folder of it is fsynced before the rename makes it visible, and the parent folder after,
 so that after a power cut the name points at complete data, never at empty files. The
 temporary is created with the default modes (0o777 for folders, 0o666 for files), which the
@@ -22,14 +22,27 @@ some filesystems) the swap takes three renames with a window in which DST is abs
     .NAME.tmp-*  -> .NAME.new-*   (the new folder is complete)
     NAME         -> .NAME.old-*
     .NAME.new-*  -> NAME
-A run killed in that window leaves the pieces; the next write beside them, or the next read
-of NAME (`recover`), finishes the swap from .new or undoes it from .old.
+A run killed in that window leaves the pieces; the next write beside them (`recover`)
+finishes the swap from .new or undoes it from .old, and a read of NAME meanwhile reads the
+complete side (`readable`, below).
 
 Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
-.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID
-and host in it tell whether its maker is still running. `recover_and_tidy`, called before every
-write, finishes or undoes the swaps and deletes the leftovers of makers that are gone, and
-names in a warning those it cannot judge (another machine's, or an older minibert's).
+.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID,
+host and STAMP in it tell whether its maker is still running. PID and host alone cannot: a
+restarted container comes back with the same host name and the same PIDs (often 1). STAMP is a
+hash of the boot id (/proc/sys/kernel/random/boot_id) and of the process's start time
+(/proc/PID/stat), which a reboot or a restart changes: a leftover is its maker's while a
+process with its PID runs and has its stamp. Where /proc is missing, names have no STAMP
+(.NAME.tmp-PID-HOST-XXXXXX, as older minibert wrote them) and the PID alone is judged.
+`recover_and_tidy`, called before every write, finishes or undoes the swaps and deletes the
+leftovers of makers that are gone, and names in a warning those it cannot judge (another
+machine's, or an older minibert's).
+
+Reading never writes. A reader that finds NAME missing and the halves of an interrupted swap
+beside it (`readable`) reads the complete side, .NAME.new-* (the folder the swap was putting in
+place, complete before it was renamed so) or else .NAME.old-* (the folder it was replacing),
+and fixes nothing: the next write beside them finishes or undoes the swap. So a checkpoint on
+read-only storage reads as it would anywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import re
 import secrets
@@ -52,7 +66,8 @@ from typing import Iterator
 from .errors import MinibertError
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old|del)-(?P<pid>\d+)-"
-                       r"(?P<host>[A-Za-z0-9]*)-[0-9a-f]{6}")
+                       r"(?P<host>[A-Za-z0-9]*)(?:-(?P<stamp>[0-9a-f]{8}))?-[0-9a-f]{6}")
+_PROC = Path("/proc")  # Linux's view of processes; where it is missing names carry no stamp
 _FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old|del)-.+|.+\.\d+\.tmp")  # older names
 
 
@@ -60,15 +75,37 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
 
 
+def _stamp(pid: int) -> str | None:
+    """8 hex digits that a reboot or a restart changes: a hash of the boot id and of the start
+    time of process `pid` (in clock ticks since boot), or None where /proc cannot tell (no such
+    process, or no /proc)."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+    except (OSError, IndexError):
+        return None
+    try:
+        boot = (_PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except OSError:
+        boot = ""  # a start time alone still tells a restarted container's PID 1 from ours
+    return hashlib.sha256(f"{boot} {start}".encode()).hexdigest()[:8]
+
+
 def _aside(dst: Path, kind: str) -> Path:
-    """A hidden name beside dst that records who made it: .NAME.KIND-PID-HOST-XXXXXX."""
-    return dst.with_name(f".{dst.name}.{kind}-{os.getpid()}-{_host()}-{secrets.token_hex(3)}")
+    """A hidden name beside dst that records who made it: .NAME.KIND-PID-HOST-STAMP-XXXXXX
+    (without -STAMP where /proc is missing)."""
+    pid = os.getpid()
+    stamp = _stamp(pid)
+    maker = f"{pid}-{_host()}" + (f"-{stamp}" if stamp else "")
+    return dst.with_name(f".{dst.name}.{kind}-{maker}-{secrets.token_hex(3)}")
 
 
-def _writer_is_gone(pid: int, host: str) -> bool | None:
+def _writer_is_gone(pid: int, host: str, stamp: str | None) -> bool | None:
     """True if the process that made a leftover has exited; None if that cannot be known."""
     if host != _host():
         return None
+    if stamp is not None and (now := _stamp(pid)) is not None:
+        return now != stamp  # a process with that PID runs: the maker only if it has its stamp
     if pid == os.getpid():
         return False
     try:
@@ -101,7 +138,8 @@ def recover_and_tidy(parent: str | Path) -> None:
     for path in entries:
         match = _LEFTOVER.fullmatch(path.name)
         if match and path.exists():
-            gone = _writer_is_gone(int(match.group("pid")), match.group("host"))
+            gone = _writer_is_gone(int(match.group("pid")), match.group("host"),
+                                   match.group("stamp"))
             if gone:
                 _delete(path)
             elif gone is None:
@@ -112,26 +150,45 @@ def recover_and_tidy(parent: str | Path) -> None:
                           f"if nothing writes there", stacklevel=3)
 
 
+def _swap_halves(dst: Path, writer_gone: bool) -> list[Path]:
+    """The halves of an interrupted swap of `dst`, the complete side first: .new folders (a
+    .new folder is complete: it was renamed so only after its fsync), then .old ones (without a
+    .new, the swap had only moved the old folder aside). With writer_gone, only those whose
+    writer is known to be gone."""
+    halves: dict[str, list[Path]] = {"new": [], "old": []}
+    with contextlib.suppress(OSError):  # no parent, or not readable: no halves to be found
+        for path in sorted(dst.parent.iterdir()):
+            match = _LEFTOVER.fullmatch(path.name)
+            if (match and match.group("name") == dst.name and match.group("kind") in halves
+                    and (not writer_gone or _writer_is_gone(
+                        int(match.group("pid")), match.group("host"), match.group("stamp")))):
+                halves[match.group("kind")].append(path)
+    return halves["new"] + halves["old"]
+
+
 def recover(dst: str | Path) -> None:
-    """If a swap of `dst` was interrupted (its writer is gone), finish it or undo it."""
+    """If a swap of `dst` was interrupted (its writer is gone), finish it from the .new half or
+    undo it from the .old one. Writers call it (`recover_and_tidy`); readers use `readable`."""
     dst = Path(dst)
     if dst.exists():
         return
-    pieces: dict[str, list[Path]] = {"new": [], "old": []}
-    with contextlib.suppress(OSError):  # no parent, or not readable: nothing to recover
-        for path in dst.parent.iterdir():
-            match = _LEFTOVER.fullmatch(path.name)
-            if (match and match.group("name") == dst.name and match.group("kind") in pieces
-                    and _writer_is_gone(int(match.group("pid")), match.group("host"))):
-                pieces[match.group("kind")].append(path)
-    # A .new folder is complete (it was renamed so only after its fsync): finish the swap.
-    # Without one, the swap had only moved the old folder aside: undo that.
-    for found in (pieces["new"], pieces["old"]):
-        if found:
-            with contextlib.suppress(FileNotFoundError):  # another process recovered it first
-                os.rename(found[0], dst)
-                _fsync_path(dst.parent)
-            return
+    halves = _swap_halves(dst, writer_gone=True)
+    if halves:
+        with contextlib.suppress(FileNotFoundError):  # another process recovered it first
+            os.rename(halves[0], dst)
+            _fsync_path(dst.parent)
+
+
+def readable(dst: str | Path) -> Path:
+    """What a reader of `dst` reads, writing nothing: `dst`, or where `dst` is missing because a
+    swap of it was interrupted, the complete side of that swap (the .new folder, else the .old
+    one), left as it is for the next write beside it to finish (`recover_and_tidy`). Any
+    writer's halves count: a .new folder is complete whoever made it."""
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    halves = _swap_halves(dst, writer_gone=False)
+    return halves[0] if halves else dst
 
 
 @contextlib.contextmanager
