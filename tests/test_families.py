@@ -16,7 +16,6 @@ LayerNorm bias moved by 1e-3 already moves the logits by 1e-4).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -139,18 +138,10 @@ def test_parity_real_roberta_checkpoint():
     assert "only 144 positions" in too_long["error"]["message"]
 
 
-def load_convert_weights():
-    """convert_weights.py as a module, so that its convert() runs in this process."""
-    spec = importlib.util.spec_from_file_location("convert_weights", REPO / "convert_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["convert_weights"] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def convert(*args: str) -> None:
-    module = load_convert_weights()
-    module.convert(module.parse_args([str(a) for a in args]))
+    """convert_weights.py SRC DST [--to-hf], in this process."""
+    from minibert.convert_cli import convert as run, parse_args
+    run(parse_args([str(a) for a in args]))
 
 
 def save_hf(model, folder, tokenizer_source=None):
