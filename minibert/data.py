@@ -39,7 +39,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .errors import MinibertError
-from .safe_write import atomic_file
+from .safe_write import atomic_file, make_folder
 from .tokenizer import spelled_special_ids
 
 FORMAT_VERSION = 1  # bump when the way blocks are built changes, so old caches are not reused
@@ -78,8 +78,14 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
     cache_file = cache_dir / f"blocks-{split}-{max_seq_length}-{key.hexdigest()[:20]}.npy"
 
     if not cache_file.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache_file) + ".lock"):
+        make_folder(cache_dir, "cache_dir")
+        lock = FileLock(str(cache_file) + ".lock")
+        try:
+            lock.acquire()
+        except OSError as error:  # a folder we may not write in
+            raise MinibertError(f"cache_dir {cache_dir}: cannot write there "
+                                f"({error.strerror or error})") from None
+        try:
             # Whoever held the lock before us may have built it while we waited.
             if not cache_file.is_file():
                 tokens = tokenize_lines(clean_lines(lines, join_wikitext_artifacts), tokenizer,
@@ -87,6 +93,8 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
                                         show_progress=show_progress)
                 blocks = cut_blocks(tokens, tokenizer, max_seq_length, f"{source} ({split})")
                 write_atomically(cache_file, blocks)
+        finally:
+            lock.release()
     return np.load(cache_file, mmap_mode="r")
 
 
@@ -232,5 +240,5 @@ def cut_blocks(tokens: np.ndarray, tokenizer, max_seq_length: int, source: str) 
 def write_atomically(path: Path, array: np.ndarray) -> None:
     """Save `array` to `path` so that no reader ever sees a half-written file (a temporary
     beside it, fsynced, renamed over `path` in one step: minibert/safe_write.py)."""
-    with atomic_file(path) as temporary, open(temporary, "wb") as file:
+    with atomic_file(path, needed=array.nbytes) as temporary, open(temporary, "wb") as file:
         np.save(file, array)

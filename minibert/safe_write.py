@@ -25,6 +25,15 @@ some filesystems) the swap takes three renames with a window in which DST is abs
 A run killed in that window leaves the pieces; the next write beside them, or the next read
 of NAME (`recover`), finishes the swap from .new or undoes it from .old.
 
+Moving. `move` renames a file or folder to a new place in one step and fsyncs both parents:
+what moves stays whole. A caller that moves several things records its plan first, so that
+the next run can finish what a kill interrupted (minibert/resume.py).
+
+A full disk. Writers report it in their own ways (an OSError ENOSPC, safetensors' "No space
+left on device", torch's zip writer an "unexpected pos" that drops the errno); a write that
+fails on a filesystem with (almost) no space left raises DiskFullError, one line naming the
+target, once its temporary is deleted. So does a folder that cannot be created or written.
+
 Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
 .NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID
 and host in it tell whether its maker is still running. `recover_and_tidy`, called before every
@@ -54,6 +63,116 @@ from .errors import MinibertError
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old|del)-(?P<pid>\d+)-"
                        r"(?P<host>[A-Za-z0-9]*)-[0-9a-f]{6}")
 _FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old|del)-.+|.+\.\d+\.tmp")  # older names
+
+
+# A write that failed while the filesystem had less than this left failed for want of space.
+# A writer fills the disk to the last block before its write fails, so what is left is below
+# one block group, a few KB; 1 MB leaves room for filesystems that keep a reserve.
+_FULL_BELOW = 2**20
+
+
+class DiskFullError(MinibertError):
+    """No space left on the device while writing `target`: how much was free, and about how
+    much the write needed when the caller knew."""
+
+    def __init__(self, target: str | Path, free: int, needed: int | None = None):
+        self.target, self.free, self.needed = Path(target), free, needed
+        sizes = f"about {format_size(needed)} needed, " if needed else ""
+        super().__init__(f"no space left on the device while writing {target} "
+                         f"({sizes}{format_size(free)} free)")
+
+
+def format_size(size: int) -> str:
+    """Bytes as a person reads them: 5.2 kB, 51 MB, 1.3 GB (powers of 1000, as df -H)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.2g} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
+    return f"{size / 1e3:.2g} kB" if size < 1e4 else f"{size / 1e3:.0f} kB"
+
+
+def free_space(folder: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of `folder` (its nearest
+    existing ancestor); 0 when that cannot be read."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a write into `folder` failed for want of space (its temporary still there)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, DiskFullError) or (isinstance(seen, OSError) and seen.errno in (
+                errno.ENOSPC, errno.EDQUOT)):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, MinibertError):  # a failure that says what it is
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _FULL_BELOW
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _space_checked(dst: Path, tmp: Path, needed: int | None) -> Iterator[None]:
+    """Turn a failure for want of space while `tmp` is written into a DiskFullError for
+    `dst`, once `tmp` is deleted (so that the space it took is counted as free)."""
+    try:
+        yield
+    except Exception as error:
+        if not _out_of_space(error, tmp.parent):
+            raise
+        # What is free once tmp is deleted, counted before: a writer's file that is still
+        # open (torch.save's, held by the traceback) keeps its blocks after the deletion.
+        free = free_space(dst.parent) + _blocks(tmp)
+        _delete(tmp)
+        if isinstance(error, DiskFullError) and needed is None:
+            needed = error.needed
+        raise DiskFullError(dst, free, needed) from None
+
+
+def _blocks(path: Path) -> int:
+    """Bytes the file or folder `path` takes on disk (0 if it is gone)."""
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    total = 0
+    for item in paths:
+        with contextlib.suppress(OSError):
+            total += os.lstat(item).st_blocks * 512
+    return total
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Raise a one-line MinibertError unless `folder` is a writable folder or could be created
+    as one (its nearest existing ancestor is a writable folder). Creates nothing."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MinibertError(f"{what} {folder}: cannot write there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MinibertError(f"{what} {folder}: cannot write there ({existing} is not writable)")
+
+
+def make_folder(folder: str | Path, what: str) -> Path:
+    """Create `folder` and its parents (nothing if it exists); a one-line MinibertError
+    naming `what` (out_dir, cache_dir) when that is not possible."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(folder, free_space(folder)) from None
+        raise MinibertError(f"{what} {folder}: cannot create it "
+                            f"({error.strerror or error})") from None
+    return folder
 
 
 def _host() -> str:
@@ -135,19 +254,22 @@ def recover(dst: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(dst: str | Path, overwrite: bool = False,
+                  needed: int | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside `dst`; when the block ends without an error,
-    make it `dst` (replacing an existing `dst` only with overwrite), else delete it."""
+    make it `dst` (replacing an existing `dst` only with overwrite), else delete it. `needed`:
+    about how many bytes it will hold, for the DiskFullError of a full disk."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise MinibertError(f"{dst}: already exists (choose a new folder or pass --overwrite)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(dst)
     recover_and_tidy(dst.parent)
     tmp = _aside(dst, "tmp")
-    os.mkdir(tmp)  # mode 0o777 less the umask
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        with _space_checked(dst, tmp, needed):
+            os.mkdir(tmp)  # mode 0o777 less the umask
+            yield tmp
+            _fsync_tree(tmp)
         with _signals_deferred():
             if not dst.exists():
                 os.rename(tmp, dst)
@@ -165,17 +287,19 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(dst: str | Path) -> Iterator[Path]:
+def atomic_file(dst: str | Path, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `dst` to write; when the block ends without an error,
-    rename it over `dst` in one step, else delete it."""
+    rename it over `dst` in one step, else delete it. `needed`: about how many bytes it will
+    hold, for the DiskFullError of a full disk."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(dst)
     recover_and_tidy(dst.parent)
     tmp = _aside(dst, "tmp")
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync_path(tmp)
+        with _space_checked(dst, tmp, needed):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync_path(tmp)
         os.replace(tmp, dst)
         _fsync_path(dst.parent)
     finally:
@@ -186,6 +310,28 @@ def write_text(dst: str | Path, text: str) -> None:
     """Replace the file `dst` with `text` (UTF-8) atomically."""
     with atomic_file(dst) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def move(src: str | Path, dst: str | Path) -> None:
+    """Rename the file or folder `src` to `dst` (on the same filesystem) in one step, and make
+    the rename durable: both parent folders are fsynced. `dst` must not exist; its parent is
+    created."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise MinibertError(f"cannot move {src} to {dst}: it exists")
+    _make_parent(dst)
+    os.rename(src, dst)
+    _fsync_path(dst.parent)
+    _fsync_path(src.parent)
+
+
+def _make_parent(dst: Path) -> None:
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(dst, free_space(dst.parent)) from None
+        raise MinibertError(f"{dst}: cannot create its folder ({error.strerror or error})") from None
 
 
 def remove_folder(path: str | Path) -> None:
@@ -277,4 +423,10 @@ def _signals_deferred() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for signum in held:
-            signal.raise_signal(signum)
+            # The handler is called here rather than the signal raised again: a second delivery
+            # would count as a second signal for minibert/stopping.py's watchdog.
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
