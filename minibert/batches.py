@@ -8,6 +8,7 @@
     with Prefetcher(blocks, layout, mask, range(start, total), device, ahead=2) as batches:
         for step in range(start, total):
             batch = next(batches)  # a StepBatch: inputs, labels, count, max_targets
+            # inputs and labels on `device`, the count still on the CPU
 
 How a global batch is cut. Every epoch draws a permutation of the training blocks from
 (seed, epoch); optimizer step t of the epoch uses the slice [t*G, (t+1)*G) of it, where
@@ -88,12 +89,14 @@ class StepBatch:
 
     inputs: torch.Tensor  # (grad_accum, batch_size, max_seq_length) masked token ids
     labels: torch.Tensor  # (grad_accum, batch_size, max_seq_length), -100 where not a target
-    count: torch.Tensor  # () int64: targets in this rank's step (summed over ranks by the loop)
+    count: torch.Tensor  # () int64 on the CPU: targets in this rank's step (summed by the loop)
     max_targets: int  # the most targets in any row of the step: the model's fixed (batch, k)
 
     def to(self, device: torch.device) -> "StepBatch":
+        """Inputs and labels on `device`. The count stays on the CPU: the loop sums it over
+        the ranks from there (distributed.CountAndVote), and only then copies it."""
         return StepBatch(to_device(self.inputs, device), to_device(self.labels, device),
-                         to_device(self.count, device), self.max_targets)
+                         self.count, self.max_targets)
 
 
 def prepare_step(blocks: np.ndarray, layout: BatchLayout, mask: Callable, step: int,
@@ -136,8 +139,9 @@ class Prefetcher:
     background thread; ahead=0 prepares each one when it is asked for, in the caller's thread.
 
     Use it as a context manager: leaving it (a stop request ends the loop early) stops the
-    thread. An exception in the thread is raised by the next() that would have returned the
-    failed step."""
+    thread before its next step, so that leaving waits for one step's masking at most, not for
+    the rest of the run's. A step that fails to prepare is never skipped: its error is raised
+    by the next() that would have returned it, and again by every later call."""
 
     def __init__(self, blocks: np.ndarray, layout: BatchLayout, mask: Callable, steps: range,
                  device: torch.device, ahead: int = 1):
@@ -145,17 +149,34 @@ class Prefetcher:
                                           pin=device.type == "cuda")
         self._device = device
         self._steps = iter(steps)
+        self._error: BaseException | None = None  # the failed step's, raised from then on
         self._thread = None
         if ahead > 0:
             self._ready: queue.Queue = queue.Queue(maxsize=ahead)
             self._closed = threading.Event()
-            self._thread = threading.Thread(target=self._work, args=(steps,), daemon=True,
-                                            name="minibert-batches")
+            # The caller's CUDA device, for the thread to select (device "cuda" means the
+            # current one, which is per thread: read it here, in the caller's thread).
+            cuda_index = None
+            if device.type == "cuda":
+                cuda_index = torch.cuda.current_device() if device.index is None else device.index
+            self._thread = threading.Thread(target=self._work, args=(steps, cuda_index),
+                                            daemon=True, name="minibert-batches")
             self._thread.start()
 
-    def _work(self, steps: range) -> None:
+    def _work(self, steps: range, cuda_index: int | None) -> None:
+        # What torch's DataLoader pin-memory thread does first (torch/utils/data/_utils/
+        # pin_memory.py). One intra-op thread (a per-thread setting): masking and pinning
+        # must not take the cores of the loop's thread, which feeds the GPU. And the run's
+        # device: a new thread's current CUDA device is 0, and pinning can reach the caching
+        # host allocator's event queries without a device guard, so rank 1 of two GPUs
+        # would open a CUDA context (a few hundred MB) on rank 0's GPU.
+        torch.set_num_threads(1)
         try:
+            if cuda_index is not None:
+                torch.cuda.set_device(cuda_index)
             for step in steps:
+                if self._closed.is_set():
+                    return  # the loop has left: prepare nothing more
                 self._put(self._prepare(step))
         except BaseException as error:  # handed to the loop, which raises it
             self._put(error)
@@ -172,18 +193,27 @@ class Prefetcher:
         return self
 
     def __next__(self) -> StepBatch:
+        if self._error is not None:
+            raise self._error
         if self._thread is None:
-            return self._prepare(next(self._steps)).to(self._device)
+            step = next(self._steps)
+            try:
+                batch = self._prepare(step)
+            except BaseException as error:
+                self._error = error
+                raise
+            return batch.to(self._device)
         next(self._steps)  # StopIteration after the last step, like the thread
         item = self._ready.get()
         if isinstance(item, BaseException):
+            self._error = item  # the thread has ended: nothing more will come
             raise item
         return item.to(self._device)
 
     def close(self) -> None:
         if self._thread is not None:
             self._closed.set()
-            self._thread.join()
+            self._thread.join()  # at most the step in progress, and 0.1 s in _put
             self._thread = None
 
     def __enter__(self) -> "Prefetcher":

@@ -1,18 +1,12 @@
-"""The pre-training corpus: read a split, tokenize it, cut it into [CLS] ... [SEP] blocks, cache.
+"""The pre-training corpus: a split's text, tokenized as a stream into [CLS] ... [SEP] blocks,
+cached on disk.
 
     tokenizer = minibert.load_tokenizer("../shared/assets/checkpoints/bert-tiny-splade-mlm")
     blocks = load_blocks("../shared/assets/corpus/wikipedia-sample", "train", tokenizer,
                          max_seq_length=128, cache_dir="cache")   # (num_blocks, 128) int32
 
-`data` is one of
-- a WikiText name, "wikitext-2-raw-v1" or "wikitext-103-raw-v1", read with
-  datasets.load_dataset("wikitext", name): offline this works only when the HuggingFace cache
-  already holds it (set HF_DATASETS_OFFLINE=1 to skip the hub's retries);
-- a folder in the WikiText layout (wiki.train.raw, wiki.valid.raw, wiki.test.raw) or with
-  train.txt, valid.txt, test.txt;
-- a dict {split: file} of explicit files.
-Splits are "train", "validation" ("valid" is accepted) and "test". A split that is not there
-is an error, never silently replaced by another.
+What `data` may be (a WikiText hub name, a folder, a {split: file, folder or glob} mapping),
+and in which order a split's files are read: minibert/splits.py.
 
 How text becomes blocks: empty lines are dropped, headings (" = Title = ") are kept as text,
 WikiText's tokenization artefacts " @-@ ", " @,@ ", " @.@ " are joined back into "-", ",", "."
@@ -22,16 +16,30 @@ into pieces of max_seq_length - 2 tokens, each framed as [CLS] piece [SEP]; only
 shorter piece of a split is dropped. Text that spells a special token literally ("[SEP]") is
 read as [UNK], so [CLS] and [SEP] appear only at the two ends of a block.
 
-The blocks are cached as a .npy file named by a hash of the corpus text, the tokenizer, the
-block length and the options, and returned memory-mapped. Every torchrun rank may call
-load_blocks at once: a file lock lets one process build the cache while the others wait for
-it, however long that takes, then all of them load it. No process-group barrier is involved,
-so the process group's timeout cannot fire during a long tokenization.
+A stream, in bounded memory. The text is read a chunk at a time (splits.CHUNK_BYTES, a few
+thousand lines); each chunk's lines are tokenized together with encode_batch (all cores), and
+every full piece of the stream is framed and appended to the cache file at once, so only the
+tokens of the unfinished piece wait for the next chunk. Memory is that of one chunk, whatever
+the corpus size, and time grows linearly with it. The blocks are bit for bit those of reading
+the whole split at once: lines end at whitespace and are tokenized one by one either way.
+
+The cache is a .npy file, blocks-v{FORMAT_VERSION}-{split}-{max_seq_length}-{key}.npy, returned
+memory-mapped. The version in the name says how the file was built and keyed, so a file of
+another version is never read as this one; the key hashes the text's content (streamed:
+splits.SplitText.digest), the tokenizer, the block length and the options. The file is written
+under a temporary name beside its own (minibert/safe_write.py), its header rewritten once the
+number of blocks is known, and renamed into place only when it is complete and the text read
+while tokenizing is the text that was hashed. A build that is interrupted (Ctrl-C, kill -9, a
+power cut) leaves no file of that name, so no later run trusts a half-written cache. Every
+torchrun rank may call load_blocks at once: a file lock lets one process build the cache while
+the others wait for it, however long that takes, then all of them load it. No process-group
+barrier is involved, so the process group's timeout cannot fire during a long tokenization.
 """
 
 from __future__ import annotations
 
 import hashlib
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +48,13 @@ from tqdm.auto import tqdm
 
 from .errors import MinibertError
 from .safe_write import atomic_file, make_folder
+from .splits import (SplitText, available_splits, check_splits,  # noqa: F401 (re-exported)
+                     normalize_split, read_split)
 from .tokenizer import spelled_special_ids
 
-FORMAT_VERSION = 1  # bump when the way blocks are built changes, so old caches are not reused
-WIKITEXT_NAMES = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
-SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"valid": "validation"}
-# File names of each split in a local folder, in the order they are looked for.
-SPLIT_FILES = {"train": ("wiki.train.raw", "train.txt"),
-               "validation": ("wiki.valid.raw", "valid.txt"),
-               "test": ("wiki.test.raw", "test.txt")}
+FORMAT_VERSION = 2  # bump when the blocks or their key change (2: content hashed as a stream)
 WIKITEXT_ARTIFACTS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
-LINES_PER_BATCH = 1000  # lines handed to encode_batch at a time; it spreads them over all cores
+NPY_HEADER_BYTES = 128  # the cache file's header: room for any (num_blocks, max_seq_length)
 
 
 def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: int,
@@ -63,19 +66,18 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
         raise MinibertError(f"max_seq_length must be an integer >= 3 ([CLS], one token, [SEP]), "
                             f"got {max_seq_length!r}")
     split = normalize_split(split)
-    missing = [t for t in ("[UNK]", "[CLS]", "[SEP]") if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise MinibertError(f"the tokenizer has no {missing[0]} token, needed to frame blocks")
-    source, lines = read_split(data, split)
+    block_special_ids(tokenizer)  # a tokenizer that cannot frame blocks fails before any reading
+    text = read_split(data, split)
+    content, size = text.digest(show_progress=show_progress, desc=f"hashing {split}")
 
     key = hashlib.sha256()
     for part in (f"minibert blocks v{FORMAT_VERSION}", tokenizer.to_str(), str(max_seq_length),
                  str(join_wikitext_artifacts)):
         key.update(part.encode("utf-8") + b"\0")
-    for line in lines:
-        key.update(line.encode("utf-8") + b"\n")
+    key.update(content)
     cache_dir = Path(cache_dir)
-    cache_file = cache_dir / f"blocks-{split}-{max_seq_length}-{key.hexdigest()[:20]}.npy"
+    cache_file = (cache_dir / f"blocks-v{FORMAT_VERSION}-{split}-{max_seq_length}-"
+                              f"{key.hexdigest()[:20]}.npy")
 
     if not cache_file.is_file():
         make_folder(cache_dir, "cache_dir")
@@ -88,11 +90,13 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
         try:
             # Whoever held the lock before us may have built it while we waited.
             if not cache_file.is_file():
-                tokens = tokenize_lines(clean_lines(lines, join_wikitext_artifacts), tokenizer,
-                                        desc=f"tokenizing {split}",
-                                        show_progress=show_progress)
-                blocks = cut_blocks(tokens, tokenizer, max_seq_length, f"{source} ({split})")
-                write_atomically(cache_file, blocks)
+                # needed: int32 ids, one per WordPiece token of about 4 characters of English,
+                # so about the size of the text (for the message of a full disk)
+                with atomic_file(cache_file, needed=size) as temporary:
+                    write_blocks(text, temporary, tokenizer, max_seq_length,
+                                 join_wikitext_artifacts=join_wikitext_artifacts,
+                                 content=content, size=size, source=f"{text.name} ({split})",
+                                 desc=f"tokenizing {split}", show_progress=show_progress)
         finally:
             lock.release()
     return np.load(cache_file, mmap_mode="r")
@@ -103,82 +107,6 @@ def corpus_stats(blocks: np.ndarray) -> dict:
     num_blocks, max_seq_length = blocks.shape
     return {"blocks": num_blocks, "max_seq_length": max_seq_length,
             "tokens": num_blocks * (max_seq_length - 2)}
-
-
-def normalize_split(split: str) -> str:
-    """'train', 'validation' or 'test' ('valid' means 'validation')."""
-    name = SPLIT_ALIASES.get(split, split)
-    if name not in SPLITS:
-        raise MinibertError(f"unknown split {split!r}: use one of train, validation (or valid), "
-                            f"test")
-    return name
-
-
-def check_splits(data: str | Path | dict, splits: tuple[str, ...] | list[str]) -> None:
-    """Raise MinibertError unless every one of `splits` exists in `data`; reads no text, so
-    that a run learns of a missing validation split before it tokenizes the training one.
-    (A WikiText hub name has every split; whether it loads is known only when it is read.)"""
-    for split in splits:
-        split_file(data, normalize_split(split))
-
-
-def split_file(data: str | Path | dict, split: str) -> Path | None:
-    """The file holding one split of `data`, or None for a WikiText hub name."""
-    if isinstance(data, dict):
-        files = {normalize_split(name): path for name, path in data.items()}
-        if split not in files:
-            raise MinibertError(f"no {split} split among the files given "
-                                f"(have: {', '.join(files) or 'none'})")
-        if not Path(files[split]).is_file():
-            raise MinibertError(f"{files[split]}: no such file")
-        return Path(files[split])
-    folder = Path(data)
-    if str(data) in WIKITEXT_NAMES and not folder.exists():  # a local folder of that name wins
-        return None
-    if not folder.exists():
-        raise MinibertError(f"{folder}: no such folder, and not one of {', '.join(WIKITEXT_NAMES)}")
-    if not folder.is_dir():
-        raise MinibertError(f"{folder}: is a file; give a folder with "
-                            f"{' or '.join(SPLIT_FILES[split])}, or a {{split: file}} mapping")
-    for name in SPLIT_FILES[split]:
-        if (folder / name).is_file():
-            return folder / name
-    raise MinibertError(f"{folder}: no {split} split (looked for "
-                        f"{' and '.join(SPLIT_FILES[split])})")
-
-
-def read_split(data: str | Path | dict, split: str) -> tuple[str, list[str]]:
-    """(a short name of where the text came from, its raw lines) for one split of `data`."""
-    file = split_file(data, split)
-    if file is None:
-        return str(data), read_wikitext(str(data), split)
-    return str(file), read_lines(file)
-
-
-def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file."""
-    if not path.is_file():
-        raise MinibertError(f"{path}: no such file")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MinibertError(f"{path}: cannot read as UTF-8 text ({error})") from None
-
-
-def read_wikitext(name: str, split: str) -> list[str]:
-    """The lines of one split of WikiText from the HuggingFace hub or its local cache."""
-    import datasets  # imported here: slow to import, and only this path needs it
-
-    try:
-        dataset = datasets.load_dataset("wikitext", name, split=split)
-    except Exception as error:  # offline without a cache it is a ConnectionError, among others
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise MinibertError(
-            f"cannot load {name} ({reason}); offline, pass a folder with wiki.train.raw, "
-            f"wiki.valid.raw, wiki.test.raw (or train.txt, valid.txt, test.txt) or a "
-            f"{{split: file}} mapping, or set HF_DATASETS_OFFLINE=1 to use the HF cache "
-            f"without retrying the hub") from None
-    return list(dataset["text"])  # datasets >= 4 returns a lazy Column
 
 
 def clean_lines(lines: list[str], join_wikitext_artifacts: bool) -> list[str]:
@@ -195,46 +123,90 @@ def clean_lines(lines: list[str], join_wikitext_artifacts: bool) -> list[str]:
     return cleaned
 
 
-def tokenize_lines(lines: list[str], tokenizer, *, desc: str, show_progress: bool) -> np.ndarray:
-    """Token ids of all lines, concatenated, without [CLS]/[SEP]: one int32 stream.
-
-    Lines end at whitespace, so tokenizing them one by one gives the same word pieces as
-    tokenizing the whole text at once, and encode_batch can spread the lines over all cores.
-    """
+def write_blocks(text: SplitText, path: Path, tokenizer, max_seq_length: int, *,
+                 join_wikitext_artifacts: bool, content: bytes, size: int, source: str,
+                 desc: str, show_progress: bool) -> int:
+    """Tokenize `text` as a stream into the .npy file `path`, (num_blocks, max_seq_length) int32
+    blocks, and return num_blocks. `content` and `size` are `text.digest()`: a text that reads
+    differently now is an error (the caller's atomic write then keeps nothing)."""
+    start_id, end_id, _ = block_special_ids(tokenizer)
     if tokenizer.truncation is not None or tokenizer.padding is not None:
         # A copy that neither truncates nor pads: either would silently change the stream.
         tokenizer = type(tokenizer).from_str(tokenizer.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()
-    pieces = []
-    with tqdm(total=len(lines), desc=desc, unit="lines", disable=not show_progress) as progress:
-        for start in range(0, len(lines), LINES_PER_BATCH):
-            batch = lines[start:start + LINES_PER_BATCH]
-            for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
-                pieces.append(np.asarray(encoding.ids, dtype=np.int32))
-            progress.update(len(batch))
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    piece_length = max_seq_length - 2
+    hasher = hashlib.sha256()
+    carry = np.zeros(0, dtype=np.int32)  # tokens of the piece that the next chunk completes
+    num_blocks = 0
+    with open(path, "wb") as file, tqdm(total=size, desc=desc, unit="B", unit_scale=True,
+                                        disable=not show_progress) as progress:
+        file.write(npy_header((0, max_seq_length)))  # rewritten below with the real count
+        for lines, num_bytes in text.line_chunks(hasher):
+            tokens = tokenize_lines(clean_lines(lines, join_wikitext_artifacts), tokenizer)
+            stream = np.concatenate([carry, tokens])
+            count = len(stream) // piece_length
+            pieces = stream[:count * piece_length].reshape(count, piece_length)
+            file.write(frame_blocks(pieces, start_id, end_id).data)
+            num_blocks += count
+            carry = stream[count * piece_length:].copy()
+            progress.update(num_bytes)
+        if hasher.digest() != content:
+            raise MinibertError(f"{source}: the text changed while it was being read; run again "
+                                f"once nothing writes to it")
+        if num_blocks == 0 and len(carry) == 0:
+            raise MinibertError(f"{source}: the corpus is empty (no non-blank line)")
+        if num_blocks == 0:
+            raise MinibertError(f"{source}: {len(carry)} tokens, too short for one block of "
+                                f"max_seq_length {max_seq_length} ([CLS] {piece_length} tokens "
+                                f"[SEP])")
+        file.seek(0)
+        file.write(npy_header((num_blocks, max_seq_length)))
+    return num_blocks
 
+
+def tokenize_lines(lines: list[str], tokenizer) -> np.ndarray:
+    """Token ids of `lines`, concatenated, without [CLS]/[SEP]: an int32 stream.
+
+    Lines end at whitespace, so tokenizing them one by one gives the same word pieces as
+    tokenizing the whole text at once, and encode_batch can spread the lines over all cores.
+    (encode_batch_fast: the same ids, without the character offsets nobody reads here.)
+    """
+    encodings = tokenizer.encode_batch_fast(lines, add_special_tokens=False) if lines else []
+    tokens = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32)
     # Text that spells a special token ("[SEP]") is matched as that token; read it as [UNK].
-    tokens[np.isin(tokens, spelled_special_ids(tokenizer))] = tokenizer.token_to_id("[UNK]")
+    tokens[np.isin(tokens, spelled_special_ids(tokenizer))] = block_special_ids(tokenizer)[2]
     return tokens
 
 
-def cut_blocks(tokens: np.ndarray, tokenizer, max_seq_length: int, source: str) -> np.ndarray:
-    """Cut a token stream into (num_blocks, max_seq_length) blocks [CLS] piece [SEP]; every
-    token lands in exactly one block except the final len(tokens) % (max_seq_length - 2)."""
-    if len(tokens) == 0:
-        raise MinibertError(f"{source}: the corpus is empty (no non-blank line)")
-    piece_length = max_seq_length - 2
-    num_blocks = len(tokens) // piece_length
-    if num_blocks == 0:
-        raise MinibertError(f"{source}: {len(tokens)} tokens, too short for one block of "
-                            f"max_seq_length {max_seq_length} ([CLS] {piece_length} tokens [SEP])")
-    blocks = np.empty((num_blocks, max_seq_length), dtype=np.int32)
-    blocks[:, 0] = tokenizer.token_to_id("[CLS]")
-    blocks[:, 1:-1] = tokens[:num_blocks * piece_length].reshape(num_blocks, piece_length)
-    blocks[:, -1] = tokenizer.token_to_id("[SEP]")
+def block_special_ids(tokenizer) -> tuple[int, int, int]:
+    """(start, end, unknown): the ids of [CLS] and [SEP], which open and close every block, and
+    of [UNK], which stands for text that spells a special token."""
+    ids = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[UNK]")]
+    missing = [t for t, i in zip(("[CLS]", "[SEP]", "[UNK]"), ids) if i is None]
+    if missing:
+        raise MinibertError(f"the tokenizer has no {missing[0]} token, needed to frame blocks")
+    return ids[0], ids[1], ids[2]
+
+
+def frame_blocks(pieces: np.ndarray, start_id: int, end_id: int) -> np.ndarray:
+    """(num_blocks, piece_length) tokens -> (num_blocks, piece_length + 2) little-endian int32
+    blocks, each start_id piece end_id."""
+    num_blocks, piece_length = pieces.shape
+    blocks = np.empty((num_blocks, piece_length + 2), dtype="<i4")
+    blocks[:, 0] = start_id
+    blocks[:, 1:-1] = pieces
+    blocks[:, -1] = end_id
     return blocks
+
+
+def npy_header(shape: tuple[int, int]) -> bytes:
+    """A .npy header (format 1.0, numpy.lib.format) for C-ordered little-endian int32 data of
+    `shape`, always NPY_HEADER_BYTES long, so that the blocks can be appended after it as they
+    come and the header rewritten in place once their number is known."""
+    fields = repr({"descr": "<i4", "fortran_order": False, "shape": tuple(shape)})
+    header = fields.encode("latin1").ljust(NPY_HEADER_BYTES - 11) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
 
 
 def write_atomically(path: Path, array: np.ndarray) -> None:

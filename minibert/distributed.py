@@ -114,58 +114,82 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class StopVote:
-    """Agree across ranks on stopping, without making the GPU wait for the host.
+class CountAndVote:
+    """The one collective of a training step: the step's masked-token count summed over the
+    ranks (every micro-batch's loss is divided by it), and the vote on stopping. Neither makes
+    the host wait for the GPU.
 
     Every rank must stop at the same step, or the others would wait forever in the next
-    collective. A vote read at once (all-reduce, then .item()) makes the host wait until the
-    GPU has finished all the work queued so far, every step. Instead each step's vote is
-    started as an asynchronous all-reduce and read at the next step, when it is long done
-    (on a GPU: once the device has passed it, which is before the previous step's compute).
-    So every rank stops one step after the request, at the same step. In one process there
-    is nothing to agree on: the request is answered at once.
+    collective. A vote read at once (all-reduce, then .item()) would make the host wait until
+    the GPU has finished all the work queued so far, every step. Instead each step's vote
+    travels with its count and is read at the next step, when it is long done (on a GPU: once
+    the device has passed it, which is before the previous step's compute). So every rank
+    stops one step after the request, at the same step. In one process there is nothing to
+    agree on: the request is answered at once, and the count is this process's own.
+
+    Where the sum runs depends on the backend. NCCL reduces device tensors only: vote and
+    count go to the GPU together (one copy, one all-reduce queued on the stream), the count
+    stays there for the loss, and the vote comes back through a pinned host copy whose CUDA
+    event the next step waits on. gloo reduces host tensors, and on CUDA tensors it would
+    synchronise a stream, a full host wait: vote and count are summed on the CPU (the host
+    waits for the other ranks, not for a GPU), and only the count is copied to the device.
     """
 
     def __init__(self, device: torch.device):
         self._device = device
-        self._pending: tuple | None = None  # (work, host tensor, CUDA event or None)
+        # The last step's summed vote on the host, and the CUDA event after which it is there.
+        self._pending: tuple[torch.Tensor, Any] | None = None
+        self._stop = False  # once a vote said stop, it stays said
 
-    def __call__(self, requested: bool) -> bool:
-        """Cast this step's vote; True when some rank asked to stop at the previous one."""
+    def __call__(self, requested: bool, count: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """Cast this step's vote with its masked-token count (this rank's, a () int64 tensor on
+        the CPU). Returns (stop, the count summed over the ranks, on the device): stop is True
+        when some rank asked at the previous step, and then no count is summed (every rank
+        leaves the loop before the collective)."""
         if not dist.is_initialized():
-            return requested
-        stop = self._result()
-        # NCCL reduces device tensors only; gloo takes the host tensor, no device involved.
+            return requested, _to_device(count, self._device)
+        if self._result():
+            return True, None
+        packed = torch.tensor([int(requested), int(count)])  # (2,) int64: vote, count
         on_device = dist.get_backend() == "nccl"
-        vote = torch.tensor([int(requested)], dtype=torch.int32)
         if on_device:
-            vote = vote.pin_memory().to(self._device, non_blocking=True)
-        work = dist.all_reduce(vote, op=dist.ReduceOp.SUM, async_op=True)
+            packed = _to_device(packed, self._device)
+        work = dist.all_reduce(packed, op=dist.ReduceOp.SUM, async_op=True)
+        # NCCL: the current stream waits for the reduction, the host not. gloo: the host
+        # waits for the other ranks' counts, which the step needs before its first forward.
+        work.wait()
+        vote, global_count = packed[:1], packed[1]
         event = None
-        if on_device:
-            work.wait()  # for NCCL: the current stream waits for the reduction, the host not
-            host = torch.empty(1, dtype=torch.int32).pin_memory()
+        if on_device and self._device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int64).pin_memory()
             host.copy_(vote, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            vote, work = host, None
-        self._pending = (work, vote, event)
-        return stop
+            vote = host
+        if not on_device:
+            global_count = _to_device(global_count, self._device)
+        self._pending = (vote, event)
+        return False, global_count
 
     def _result(self) -> bool:
-        if self._pending is None:
-            return False
-        work, vote, event = self._pending
-        self._pending = None
-        if work is not None:
-            work.wait()
-        if event is not None:
-            event.synchronize()  # waits only until the GPU passed the vote, not for the queue
-        return int(vote[0]) > 0
+        if self._pending is not None:
+            vote, event = self._pending
+            self._pending = None
+            if event is not None:
+                event.synchronize()  # waits only until the GPU passed the vote, not the queue
+            self._stop = self._stop or int(vote[0]) > 0
+        return self._stop
 
     def close(self) -> None:
         """Wait for a vote still in flight (every rank started it, so none is left hanging)."""
         self._result()
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor onto `device`; to a GPU through pinned memory, asynchronously."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def all_gather_object(value: Any) -> list[Any]:

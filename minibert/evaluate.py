@@ -2,7 +2,7 @@
 
     python -m minibert.evaluate --model runs/quickstart/final \\
         --data ../shared/assets/corpus/wikipedia-sample --max_seq_length 128 --max_blocks 256
-    python -m minibert.evaluate --model out/bert-tiny --data wikitext-2-raw-v1 --split test --json
+    python -m minibert.evaluate --model M --data ../shared/assets/corpus/wikitext-2-raw --split test
     torchrun --standalone --nproc_per_node=2 -m minibert.evaluate --model M --data D  # same numbers
     minibert-evaluate --model M --data D --device cpu --precision fp32
 
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import read_checkpoint
 from .cli import ArgumentParser
-from .data import load_blocks, normalize_split
+from .data import available_splits, check_splits, load_blocks, normalize_split
 from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, run_main
 from .masking import make_masker
@@ -177,6 +177,11 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
             print(f"note: {notice}", file=sys.stderr)
     check_block_length(args.max_seq_length, model)
     tokenizer = load_tokenizer(folder)
+    try:
+        check_splits(args.data, [args.split])
+    except MinibertError as error:
+        there = available_splits(args.data)
+        raise MinibertError(f"{error}; pass --split {there[0]}" if there else str(error)) from None
     # Every rank calls load_blocks; its file lock lets one of them tokenize, the others wait.
     blocks = load_blocks(args.data, args.split, tokenizer, max_seq_length=args.max_seq_length,
                          cache_dir=Path(args.cache_dir).expanduser(),
@@ -215,8 +220,10 @@ def parse_args(argv: list[str] | None = None) -> EvaluateArgs:
     parser.add_argument("--model", required=True,
                         help="minibert or HuggingFace checkpoint folder, or a hub id")
     parser.add_argument("--data", required=True,
-                        help="wikitext-2-raw-v1 or wikitext-103-raw-v1, or a folder with "
-                             "wiki.{train,valid,test}.raw or {train,valid,test}.txt")
+                        help="a folder with wiki.{train,valid,test}.raw, {train,valid,test}.txt "
+                             "or subfolders train/ valid/ test/ of text files; or "
+                             "wikitext-2-raw-v1 or wikitext-103-raw-v1 from the HuggingFace hub "
+                             "(offline: from its cache, with HF_DATASETS_OFFLINE=1)")
     parser.add_argument("--split", default=defaults.split,
                         help="train, validation or test (default validation)")
     for name, kind, text in (

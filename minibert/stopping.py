@@ -4,7 +4,7 @@ before it saves a model that is not finite (`divergence`).
 
     with StopRequest() as stop:
         while step < total_steps:
-            if stop.requested:      # the trainer agrees on this across ranks (StopVote)
+            if stop.requested:      # the trainer agrees on this across ranks (CountAndVote)
                 break
             ...
 

@@ -37,7 +37,7 @@ from . import distributed
 from .batches import BatchLayout, Prefetcher
 from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
-from .distributed import StopVote, all_reduce_sum, is_main, print0
+from .distributed import CountAndVote, is_main, print0
 from .errors import MinibertError
 from .evaluate import check_block_length, evaluate
 from .flops import training_flops_per_token
@@ -234,8 +234,8 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
 
     Between two log lines the loop never makes the host wait for a GPU: the batches come
     from a background thread (batches.Prefetcher), the masked-token counts from the CPU-side
-    labels, the stop vote is read one step late (distributed.StopVote), and loss and gradient
-    norm stay on the device until a log line reads them."""
+    labels, summed with the stop vote, which is read one step late (distributed.CountAndVote),
+    and loss and gradient norm stay on the device until a log line reads them."""
     step = trainee.start_step
     resumed = run.resume_from is not None
     if resumed and is_main() and (line := plan_new_line(run.out_dir, run.resume_from, step)):
@@ -292,20 +292,20 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     # On a GPU the next steps are masked in a background thread while the device computes;
     # on a CPU that thread would only take cores from the step itself.
     ahead = 2 if run.device.type == "cuda" else 0
-    vote = StopVote(run.device)
+    count_and_vote = CountAndVote(run.device)
     with StopRequest() as stop, contextlib.closing(log), Prefetcher(
             run.train_blocks, run.layout, run.mask, range(step, run.total_steps), run.device,
             ahead) as batches:
         while step < run.total_steps:
             started = time.perf_counter()
-            # Every rank must stop at the same step; in several processes the vote is read
-            # one step after it was cast, so a request made during step t stops after t + 1.
-            if vote(stop.requested):
-                break
             batch = next(batches)
-            # The step's masked tokens over all ranks: every micro-batch's loss is divided by
-            # it. Counted on the CPU, summed on the device without the host waiting.
-            global_count = all_reduce_sum(batch.count)
+            # One collective: the step's masked tokens over all ranks (every micro-batch's
+            # loss is divided by it), counted on the CPU, and the stop vote. Every rank must
+            # stop at the same step; in several processes the vote is read one step after it
+            # was cast, so a request made during step t stops after t + 1.
+            stop_now, global_count = count_and_vote(stop.requested, batch.count)
+            if stop_now:
+                break
             lr = trainee.scheduler.get_last_lr()[0]
             step_nll, grad_norm = optimizer_step(trainee, batch, global_count)
             step += 1
@@ -319,7 +319,7 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
                 write(record, evaluate_now=is_eval)
             if config.save_every and step % config.save_every == 0:
                 save(step)
-        vote.close()
+        count_and_vote.close()
         log.close()
         # Still under StopRequest: a first signal now lets these saves finish, a second one
         # stops at once, and no write leaves anything half-done either way.

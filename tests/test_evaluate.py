@@ -17,7 +17,9 @@ from minibert.trainer import train
 # The tiny random BERT and tiny corpus of the training tests (pytest finds imported fixtures).
 from test_train import SEQ, cache_dir, read_metrics, run_cli, tiny_corpus, tiny_model  # noqa: F401
 
-from conftest import BERT_TINY, MINILM, call_main
+from conftest import ASSETS, BERT_TINY, MINILM, call_main
+
+WIKITEXT_2 = ASSETS / "corpus" / "wikitext-2-raw"  # the real WikiText-2 test split, nothing else
 
 JSON_KEYS = ["loss", "perplexity", "accuracy", "blocks", "masked_tokens", "model", "data", "split",
              "masking"]
@@ -126,6 +128,10 @@ BAD_INPUTS = {  # id: (extra arguments, message expected on stderr)
                           "has no masked-LM head"),
     "bad precision": (["--precision", "fp8"], "precision must be one of auto|fp32|fp16|bf16"),
     "bad max_blocks": (["--max_blocks", "0"], "max_blocks must be >= 1"),
+    "split not there": (["--data", str(WIKITEXT_2)],
+                        f"{WIKITEXT_2}: no validation split (looked for wiki.valid.raw, "
+                        f"valid.txt, valid/, validation/); the splits there: test; pass --split "
+                        f"test"),
 }
 
 
@@ -152,6 +158,18 @@ def test_shared_checkpoint_offline(monkeypatch, capsys):
     result = json.loads(stdout)
     assert result["blocks"] == 8 and result["masked_tokens"] == 8 * 19  # round(0.15 * 126)
     assert 4 < result["loss"] < 12  # a real model: far from uniform (10.33) in either direction
+
+
+def test_the_shipped_wikitext_2_test_split(monkeypatch, capsys, cache_dir):
+    """The README's command for WikiText-2's test split, on its first blocks."""
+    status, stdout, stderr = run_main(
+        monkeypatch, capsys, "--model", str(BERT_TINY), "--data", str(WIKITEXT_2), "--split",
+        "test", "--max_seq_length", "128", "--max_blocks", "4", "--precision", "fp32",
+        "--cache_dir", str(cache_dir), "--json")
+    assert status == 0, stderr
+    result = json.loads(stdout)
+    assert result["split"] == "test" and result["blocks"] == 4
+    assert 4 < result["loss"] < 12
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +220,8 @@ def test_help():
                  "--eval_seed", "--max_blocks", "--precision", "--device", "--json"):
         assert flag in result.stdout
     assert "torchrun" in result.stdout
+    # The example for a test split is one that runs offline: the shipped WikiText-2 folder.
+    assert "--data ../shared/assets/corpus/wikitext-2-raw --split test" in result.stdout
 
 
 def test_console_script():

@@ -3,6 +3,7 @@ stop vote across processes, torch.compile as a tested path (1 process, fp16 with
 GradScaler, 2-process gloo DDP) and the choice of process-group backend."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minibert import MinibertError
-from minibert.distributed import Launch, StopVote, init
+from minibert.distributed import CountAndVote, Launch, init
 from minibert.train_state import step_checkpoints
 from minibert.trainer import train
 from test_train import (by_step, cache_dir, config_flags, make_config, read_metrics,  # noqa: F401
@@ -49,10 +50,14 @@ def free_port() -> int:
 def vote_in_two_processes(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init(Launch(rank=rank, world_size=2), "cpu")
-    vote = StopVote(torch.device("cpu"))
-    # Rank 1 alone is asked to stop during step 2; both ranks learn it at step 3.
-    answers = [vote(rank == 1 and step >= 2) for step in range(5)]
-    vote.close()
+    count_and_vote = CountAndVote(torch.device("cpu"))
+    # Rank 1 alone is asked to stop during step 2; both ranks learn it at step 3. Rank r
+    # counts r + 1 targets a step: 3 over both.
+    answers = []
+    for step in range(5):
+        stop, count = count_and_vote(rank == 1 and step >= 2, torch.tensor(rank + 1))
+        answers.append((stop, None if count is None else int(count)))
+    count_and_vote.close()
     dist.destroy_process_group()
     results[rank] = answers
 
@@ -60,12 +65,13 @@ def vote_in_two_processes(rank: int, port: int, results) -> None:
 def test_stop_vote_is_read_one_step_later_by_every_rank():
     results = mp.Manager().dict()
     mp.spawn(vote_in_two_processes, args=(free_port(), results), nprocs=2)
-    assert results[0] == results[1] == [False, False, False, True, True]
+    assert results[0] == results[1] == [(False, 3)] * 3 + [(True, None)] * 2
 
 
 def test_stop_vote_in_one_process_answers_at_once():
-    vote = StopVote(torch.device("cpu"))
-    assert [vote(r) for r in (False, True, False)] == [False, True, False]
+    count_and_vote = CountAndVote(torch.device("cpu"))
+    answers = [count_and_vote(r, torch.tensor(4)) for r in (False, True, False)]
+    assert [(stop, int(count)) for stop, count in answers] == [(False, 4), (True, 4), (False, 4)]
 
 
 def test_dist_backend_choices_are_checked():
@@ -145,3 +151,22 @@ def test_gpu_session_script_parses_and_benchmark_help_works():
     result = subprocess.run([sys.executable, "benchmarks/trainer.py", "--help"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("usage:")
+
+
+def test_gpu_session_plan_runs_every_gpu_test_once_within_the_budget():
+    # The plan (DRY_RUN) names each part, its limit and its command; every test of
+    # tests/test_gpu.py must be selected by exactly one part's -k (terms joined by "or").
+    env = {**os.environ, "DRY_RUN": "1"}
+    result = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    parts = [re.match(r"=== ([\w-]+): limit (\d+) s: (.*)", line) for line in lines[:-1]]
+    assert all(parts), lines
+    assert int(lines[-1].split()[1]) <= 470  # seconds: 8 minutes with start-up
+    selections = [part[3].split(" -k ")[1].split(" or ") for part in parts
+                  if "tests/test_gpu.py" in part[3]]
+    tests = re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_gpu.py").read_text(), re.M)
+    for test in tests:
+        chosen = [terms for terms in selections if any(term in test for term in terms)]
+        assert len(chosen) == 1, (test, chosen)

@@ -15,12 +15,12 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 import minibert.checkpoint
+import minibert.data
 from minibert.checkpoint import read_checkpoint
 from minibert.errors import MinibertError
 from minibert.train_config import parse_config
@@ -288,7 +288,13 @@ def test_a_full_disk_while_writing_final_is_one_line(make_config, monkeypatch):
 
 def test_a_full_disk_while_caching_the_data_is_one_line(make_config, monkeypatch, tmp_path):
     config = make_config("full-disk-cache", cache_dir=str(tmp_path / "new-cache"))
-    monkeypatch.setattr(np, "save", no_space)
+    real_frame_blocks = minibert.data.frame_blocks
+
+    def frame_blocks(*args, **kwargs):  # the writer's first blocks hit a full disk
+        real_frame_blocks(*args, **kwargs)
+        no_space()
+
+    monkeypatch.setattr(minibert.data, "frame_blocks", frame_blocks)
     with pytest.raises(MinibertError) as error:
         train(config, environ={})
     message = one_line(error)

@@ -39,7 +39,8 @@ def test_missing_validation_split_is_reported_before_tokenizing(tmp_path, train_
 
     monkeypatch.setattr(minibert.data, "tokenize_lines", tokenize_lines)
     with pytest.raises(MinibertError, match=r"train-only: no validation split \(looked for "
-                                            r"wiki.valid.raw and valid.txt\)"):
+                                            r"wiki.valid.raw, valid.txt, valid/, validation/\); "
+                                            r"the splits there: train"):
         train(config(tmp_path, train_only), environ={})
     assert not (tmp_path / "cache").exists()
 
