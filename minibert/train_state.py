@@ -34,6 +34,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,12 +87,14 @@ class MetricsFile:
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                      for k, v in record.items()}  # JSON has no inf/NaN: a skipped step logs null
             line = json.dumps(clean) + "\n"
-            try:  # a line cut short by a full disk is dropped by the next resume (log_until)
+            size = self.path.stat().st_size if self.path.exists() else 0
+            try:
                 with self.path.open("a", encoding="utf-8") as file:
                     file.write(line)
             except OSError as error:
                 if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
+                os.truncate(self.path, size)  # no line cut short (shrinking needs no space)
                 raise DiskFullError(self.path, free_space(self.path.parent), len(line)) from None
 
 

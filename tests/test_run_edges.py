@@ -24,7 +24,8 @@ import minibert.data
 from minibert.checkpoint import read_checkpoint
 from minibert.errors import MinibertError
 from minibert.train_config import parse_config
-from minibert.train_state import STATE_FILE, load_training_state, prune, step_checkpoints
+from minibert.train_state import (STATE_FILE, MetricsFile, load_training_state, prune,
+                                  step_checkpoints)
 from minibert.trainer import train
 from test_train import (REPO, cache_dir, fit_with, make_config,  # noqa: F401
                         read_metrics, tiny_corpus, tiny_model)
@@ -301,6 +302,36 @@ def test_a_full_disk_while_caching_the_data_is_one_line(make_config, monkeypatch
     assert message.startswith(f"no space left on the device while writing {tmp_path}/new-cache/")
     assert re.search(SIZES, message), message
     assert [p.name for p in (tmp_path / "new-cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_full_disk_cuts_no_metrics_line_short(tmp_path, monkeypatch):
+    metrics = MetricsFile(tmp_path / "metrics.jsonl", keep_until_step=None)
+    metrics.write({"step": 0})
+    real_open = Path.open
+
+    class HalfWritten:  # the disk fills after the first 5 characters of the line
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:5])
+            self.file.flush()
+            no_space()
+
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *args, **kwargs: (
+        HalfWritten(real_open(self, mode, *args, **kwargs)) if mode == "a"
+        else real_open(self, mode, *args, **kwargs)))
+    with pytest.raises(MinibertError) as error:
+        metrics.write({"step": 1, "train_loss": 1.0})
+    assert one_line(error).startswith(f"no space left on the device while writing "
+                                      f"{tmp_path / 'metrics.jsonl'}")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
 @pytest.mark.parametrize("setting", ["out_dir", "cache_dir"])
