@@ -6,6 +6,8 @@
 
 SRC may be a HuggingFace folder (BertModel, BertForMaskedLM or BertForPreTraining weights,
 in model.safetensors or pytorch_model.bin) or a minibert folder; DST is written atomically.
+--overwrite replaces an existing DST only if it is a checkpoint folder: config.json, weights
+and tokenizer files, nothing else (minibert/checkpoint.py); anything else is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class ConvertArgs:
     src: str  # checkpoint folder or hub id to read
     dst: Path  # folder to write; must not exist unless overwrite
     to_hf: bool = False  # write HuggingFace's BertForMaskedLM layout instead of minibert's
-    overwrite: bool = False  # replace dst if it exists
+    overwrite: bool = False  # replace dst if it is a checkpoint folder (checkpoint.py says which)
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertArgs:
@@ -32,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument("dst", type=Path, help="output folder (written atomically)")
     parser.add_argument("--to-hf", action="store_true",
                         help="write HuggingFace BertForMaskedLM layout (for transformers)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is a checkpoint folder (config.json, weights, "
+                             "tokenizer files; nothing else)")
     return ConvertArgs(**vars(parser.parse_args(argv)))
 
 

@@ -8,6 +8,19 @@ A minibert checkpoint folder holds
 A HuggingFace folder holds config.json (model_type "bert") and model.safetensors or
 pytorch_model.bin. Every folder is written through minibert/safe_write.py (a temporary beside
 it, fsynced, renamed into place), so a crash never leaves a half-written checkpoint behind.
+
+What --overwrite (overwrite=True) replaces: a checkpoint folder, and nothing else. A checkpoint
+folder, for this purpose, holds config.json and a weight file (WEIGHT_FILES) and besides them
+only tokenizer files (vocab.txt, tokenizer_config.json, and HuggingFace's vocab.json,
+merges.txt, tokenizer.json, special_tokens_map.json, added_tokens.json): plain files, no
+subfolder, nothing else (CHECKPOINT_FILES). A folder with anything more, a README or a note or
+a subfolder, is the user's and is refused in one line, as a file is; an empty folder holds
+nothing to lose and is replaced. The path is resolved first (symlinks, "..") and never
+replaced when it is /, the home folder, the current folder or one that holds it, or a folder
+that holds the source being converted (check_overwrite). train.py's final/ is a minibert
+checkpoint folder, so a finished run replaces it; the resume checkpoints step-N hold model/
+(a checkpoint folder) and training_state.pt, and their writer checks that in the same way
+(minibert/train_state.py).
 """
 
 from __future__ import annotations
@@ -20,22 +33,28 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from .convert import config_from_hf, config_to_hf, hf_to_minibert, minibert_to_hf
 from .errors import MinibertError
 from .model import BertConfig, BertForMaskedLM
-from .safe_write import atomic_folder, recover
-from .tokenizer import is_lower_case, read_vocab
+from .safe_write import atomic_folder, readable
+from .tokenizer import is_lower_case, load_tokenizer, read_vocab
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# What a checkpoint folder may hold, and so what --overwrite may delete (the module docstring).
+CHECKPOINT_FILES = frozenset({"config.json", *WEIGHT_FILES, "vocab.txt", "tokenizer_config.json",
+                              "vocab.json", "merges.txt", "tokenizer.json",
+                              "special_tokens_map.json", "added_tokens.json"})
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def resolve(source: str | Path, weights: bool = True) -> Path:
     """A local folder, or a hub id such as bert-base-uncased downloaded into the HF cache
-    (without its weight files when `weights` is False)."""
-    folder = Path(source)
-    recover(folder)  # a replacement of this folder that a kill interrupted: finish or undo it
+    (without its weight files when `weights` is False). Reading never writes: a folder whose
+    replacement a kill interrupted is read from the complete side of the swap, which stays
+    where it is (safe_write.readable; `swap_notice` says so)."""
+    folder = readable(source)
     if folder.is_dir():
         return folder
     if folder.exists():
@@ -51,6 +70,16 @@ def resolve(source: str | Path, weights: bool = True) -> Path:
         raise MinibertError(
             f"{source}: no such folder, and the hub id could not be fetched "
             f"({type(error).__name__}); offline, pass a local checkpoint folder") from None
+
+
+def swap_notice(source: str | Path, folder: Path) -> list[str]:
+    """One line when `folder`, read for `source`, is the complete side of an interrupted
+    replacement of it (resolve), else none."""
+    source = Path(source)
+    if folder == source or folder.parent != source.parent:  # the folder itself, or a hub id's
+        return []
+    return [f"{source}: its replacement was interrupted; read the complete {folder.name} "
+            f"beside it (the next write there finishes the replacement)"]
 
 
 def _read_json(file: Path) -> dict:
@@ -122,12 +151,13 @@ def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = F
     """
     folder = resolve(source)
     config, raw_config = _read_config(folder)
-    notices: list[str] = []
+    notices = swap_notice(source, folder)
     weights = _read_weights(folder)
     if raw_config.get("model_type") == "minibert":
         state = weights
     else:
-        state, notices = hf_to_minibert(weights)
+        state, conversion_notices = hf_to_minibert(weights)
+        notices += conversion_notices
     # A pooler is kept when the checkpoint has one (minibert/convert.py says why).
     model = init_model(config, seed, add_pooling_layer=any(k.startswith("bert.pooler.")
                                                            for k in state))
@@ -141,12 +171,8 @@ def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = F
         notices.append("the checkpoint has no masked-LM head: a freshly initialised one was "
                        "added, so predictions are meaningless until it is trained")
     _check_shapes(state, model, folder)
-    vocab_file = folder / "vocab.txt"
-    if vocab_file.is_file():
-        vocab_size = len(read_vocab(vocab_file))
-        if vocab_size != config.vocab_size:
-            raise MinibertError(f"{vocab_file}: {vocab_size} tokens, but the word embedding "
-                                f"matrix has {config.vocab_size} rows")
+    if (folder / "vocab.txt").is_file():
+        check_vocabulary(config, load_tokenizer(folder), folder / "vocab.txt")
     model.load_state_dict(state)
     return model.eval(), folder, notices
 
@@ -159,7 +185,7 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
     vocab.txt alone starts from BertConfig's defaults (bert-base's shape).
     Returns (model in eval mode, the folder read, notices worth telling the user)."""
     folder = resolve(source, weights=False)
-    notices = []
+    notices = swap_notice(source, folder)
     if (folder / "config.json").is_file():
         config, _ = _read_config(folder)
     else:
@@ -172,11 +198,27 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
         raise MinibertError(f"model_config: {error}") from None
     if not (folder / "vocab.txt").is_file():
         raise MinibertError(f"{folder}: no vocab.txt (init random reads the vocabulary there)")
-    vocab_size = len(read_vocab(folder / "vocab.txt"))
-    if vocab_size != config.vocab_size:
-        raise MinibertError(f"vocab_size {config.vocab_size} does not match {folder}/vocab.txt "
-                            f"({vocab_size} tokens): the embedding has a row per token")
+    check_vocabulary(config, load_tokenizer(folder), folder / "vocab.txt")
     return init_model(config, seed), folder, notices
+
+
+def check_vocabulary(config: BertConfig, tokenizer: Tokenizer, vocabulary: Path) -> None:
+    """Refuse, in one line, a config that does not fit the tokenizer built from `vocabulary`:
+    vocab_size must be its number of tokens (the word embedding has a row per token), and
+    pad_token_id the id of its padding token, whose embedding row starts at zero and gets no
+    gradient: a wrong id would freeze a real token's row and train the padding's. The padding
+    token's id comes from the tokenizer, so a tokenizer whose padding token is spelled
+    differently is checked by these same lines once the lookup below knows its name."""
+    tokens = tokenizer.get_vocab_size()
+    if tokens != config.vocab_size:
+        raise MinibertError(f"vocab_size {config.vocab_size} does not match {vocabulary} "
+                            f"({tokens} tokens): the word embedding has a row per token")
+    pad_token = "[PAD]"
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id != config.pad_token_id:
+        raise MinibertError(f"pad_token_id {config.pad_token_id} does not match {vocabulary}, "
+                            f"where {pad_token} is {pad_id}: the padding token's embedding row "
+                            f"is the one kept at zero")
 
 
 def load_pretrained(path: str | Path) -> BertForMaskedLM:
@@ -193,6 +235,52 @@ def _tokenizer_files(source: Path | None, tmp: Path) -> None:
     (tmp / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower_case}) + "\n")
 
 
+def not_a_checkpoint(folder: Path) -> str | None:
+    """What makes `folder` other than a checkpoint folder: "notes.txt", "sub/", "no config.json",
+    "no weights"; None for a checkpoint folder, or an empty one."""
+    entries = sorted(folder.iterdir())
+    for entry in entries:
+        if entry.is_dir():
+            return f"{entry.name}/"
+        if entry.name not in CHECKPOINT_FILES or not entry.is_file():
+            return entry.name
+    found = {entry.name for entry in entries}
+    if entries and "config.json" not in found:
+        return "no config.json"
+    if entries and not found & set(WEIGHT_FILES):
+        return "no weights"
+    return None
+
+
+def check_overwrite(dst: str | Path, source: Path | None = None) -> Path:
+    """`dst` resolved, once it is sure that replacing it loses nothing but a checkpoint (the
+    module docstring says what that is); else MinibertError in one line. `source`: the folder
+    being converted, whose parents are never replaced."""
+    target = Path(dst).expanduser().resolve()
+    if target == target.parent:
+        raise MinibertError(f"{dst}: --overwrite never replaces /")
+    if target == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(target):
+        raise MinibertError(f"{dst}: --overwrite never replaces the current folder or a folder "
+                            f"that holds it ({target})")
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    if target == home:
+        raise MinibertError(f"{dst}: --overwrite never replaces the home folder")
+    if source is not None and source.resolve() != target and source.resolve().is_relative_to(target):
+        raise MinibertError(f"{dst}: --overwrite never replaces a folder that holds the source "
+                            f"{source}")
+    if target.exists() and not target.is_dir():
+        raise MinibertError(f"{dst}: not a folder; --overwrite replaces only a checkpoint folder")
+    problem = not_a_checkpoint(target) if target.is_dir() else None
+    if problem is not None:
+        raise MinibertError(f"{dst}: --overwrite replaces only a checkpoint folder (config.json, "
+                            f"weights, tokenizer files), and this one holds {problem}; move it "
+                            f"or choose another folder")
+    return target
+
+
 def _contiguous_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage (the q/k/v chunks of one qkv matrix).
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -200,8 +288,10 @@ def _contiguous_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def save_pretrained(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
                     overwrite: bool = False) -> Path:
-    """Write `model` as a minibert checkpoint folder; vocab files come from tokenizer_source."""
-    with atomic_folder(dst, overwrite) as tmp:
+    """Write `model` as a minibert checkpoint folder; vocab files come from tokenizer_source.
+    With overwrite, an existing dst is replaced only if it is a checkpoint (check_overwrite)."""
+    with atomic_folder(check_overwrite(dst, tokenizer_source) if overwrite else dst,
+                       overwrite) as tmp:
         config = {"model_type": "minibert", **model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(_contiguous_copies(model.state_dict()), tmp / "model.safetensors",
@@ -212,8 +302,10 @@ def save_pretrained(model: BertForMaskedLM, dst: str | Path, tokenizer_source: P
 
 def save_huggingface(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
                      overwrite: bool = False) -> Path:
-    """Write `model` in HuggingFace's BertForMaskedLM layout (what transformers loads)."""
-    with atomic_folder(dst, overwrite) as tmp:
+    """Write `model` in HuggingFace's BertForMaskedLM layout (what transformers loads). With
+    overwrite, an existing dst is replaced only if it is a checkpoint (check_overwrite)."""
+    with atomic_folder(check_overwrite(dst, tokenizer_source) if overwrite else dst,
+                       overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
         save_file(_contiguous_copies(minibert_to_hf(model.state_dict())),
                   tmp / "model.safetensors", metadata={"format": "pt"})

@@ -10,6 +10,10 @@ run_main reports as one line (`error: command line: ...`) with exit status 1, li
 bad input; an unknown flag gets a "did you mean" hint in the spelling the user typed. The
 usage line names the command as it was called: `minibert-fill-mask` for the console script,
 `python -m minibert.fill_mask` for the module.
+
+The commands that take sentences (fill-mask, score) read `--file F` with `read_sentences`, which
+names each one FILE:LINE, and report the sentences they could not take with `report_failures`:
+one `error: FILE:LINE: why` line each on stderr, while the others are still answered.
 """
 
 from __future__ import annotations
@@ -93,3 +97,25 @@ class ArgumentParser(argparse.ArgumentParser):
         for declared, typed in self._typed.items():  # name the flag as the user typed it
             message = re.sub(rf"(?<![\w-]){re.escape(declared)}(?![\w-])", typed, message)
         raise MinibertError(f"command line: {message}")
+
+
+def read_sentences(file: Path) -> list[tuple[str, str]]:
+    """(FILE:LINE, sentence) for each non-blank line of the file, stripped."""
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MinibertError(f"{file}: cannot read sentences ({error})") from None
+    return [(f"{file}:{number}", line.strip())
+            for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def report_failures(results: list[dict], sources: list[str]) -> int:
+    """Print 'error: SOURCE: message' on stderr for each result that holds an "error" (and add
+    the source to that error object, for --json); return how many there were."""
+    failed = 0
+    for result, source in zip(results, sources, strict=True):
+        if "error" in result:
+            failed += 1
+            result["error"] = {"source": source, **result["error"]}
+            print(f"error: {source}: {result['error']['message']}", file=sys.stderr)
+    return failed

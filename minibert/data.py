@@ -47,10 +47,11 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .errors import MinibertError
-from .safe_write import atomic_file, make_folder
+from .safe_write import atomic_file
 from .splits import (SplitText, available_splits, check_splits,  # noqa: F401 (re-exported)
                      normalize_split, read_split)
 from .tokenizer import spelled_special_ids
+from .write_errors import make_folder
 
 FORMAT_VERSION = 2  # bump when the blocks or their key change (2: content hashed as a stream)
 WIKITEXT_ARTIFACTS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))

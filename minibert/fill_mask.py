@@ -40,7 +40,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import read_checkpoint
-from .cli import ArgumentParser
+from .cli import ArgumentParser, read_sentences, report_failures
 from .errors import MinibertError, run_main
 from .model import BertForMaskedLM
 from .tokenizer import load_tokenizer, spelled_special_ids
@@ -261,16 +261,6 @@ class FillMaskArgs:
             self.sources = [f"sentence {i}" for i in range(1, len(self.texts) + 1)]
 
 
-def _read_sentences(file: Path) -> list[tuple[str, str]]:
-    """(FILE:LINE, sentence) for each non-blank line of the file."""
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MinibertError(f"{file}: cannot read sentences ({error})") from None
-    return [(f"{file}:{number}", line.strip())
-            for number, line in enumerate(lines, start=1) if line.strip()]
-
-
 HELP = """\
 how several masks are filled:
   one at a time, the model run again after each pick. Every mask but the last takes its most
@@ -304,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> FillMaskArgs:
     ns = parser.parse_args(argv)
     sentences = [(f"argument {i}", text) for i, text in enumerate(ns.text, start=1)]
     if ns.file is not None:
-        sentences += _read_sentences(ns.file)
+        sentences += read_sentences(ns.file)
     if ns.examples:
         sentences += [(f"example {i}", text) for i, text in enumerate(EXAMPLE_SENTENCES, start=1)]
     return FillMaskArgs(model=ns.model, texts=[text for _, text in sentences], top_k=ns.top_k,
@@ -319,12 +309,7 @@ def run(args: FillMaskArgs) -> int:
         print(f"note: {notice}", file=sys.stderr)
     results = fill_masks(model, load_tokenizer(folder), args.texts, args.top_k, args.order,
                          args.truncate)
-    failed = 0
-    for source, result in zip(args.sources, results):
-        if "error" in result:
-            failed += 1
-            result["error"] = {"source": source, **result["error"]}
-            print(f"error: {source}: {result['error']['message']}", file=sys.stderr)
+    failed = report_failures(results, args.sources)
     if args.json:
         print("\n".join(json.dumps(result) for result in results))
     else:

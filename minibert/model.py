@@ -286,7 +286,7 @@ class BertForMaskedLM(nn.Module):
                 reduction: str = "mean", max_targets: int | None = None) -> torch.Tensor:
         """Without labels: logits (batch, seq, vocab). With labels (-100 = not masked): the
         cross-entropy over the masked positions, averaged ("mean") or summed ("sum").
-        max_targets: see masked_logits."""
+        max_targets: at least the most targets in any row (masked_logits says why)."""
         if labels is None:
             hidden = self.bert(input_ids, attention_mask, token_type_ids)
             return self.mlm_head(hidden, self.word_embeddings)
@@ -316,7 +316,21 @@ class BertForMaskedLM(nn.Module):
           training blocks all carry exactly round(p * (seq - 2)) targets, so nothing is
           filled and nothing wasted; rows that differ (padding, whole-word masking) cost
           k - (their targets) extra head positions each.
+
+        The contract of max_targets: k >= the most targets in any row (any larger k gives the
+        same loss). A smaller k would drop each longer row's last targets, a smaller loss
+        with no error, so it is checked where that is free: labels on the CPU in eager mode
+        raise ValueError. Labels on a GPU, or a call under torch.compile, are not checked:
+        counting there would make the host wait for the device (or break the graph), so
+        the caller keeps the contract, as the trainer does by counting on the CPU-side
+        labels before moving them (minibert/batches.py).
         """
+        if (max_targets is not None and labels.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            most = int((labels != -100).sum(dim=1).max()) if labels.numel() else 0
+            if max_targets < most:
+                raise ValueError(f"max_targets {max_targets} is below the {most} targets of a "
+                                 f"row: it would drop targets; pass at least {most}, or None")
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (batch, seq, hidden)
         if max_targets is None:
             is_masked = labels != -100  # (batch, seq)

@@ -7,7 +7,7 @@ one where a reader looks. Everything minibert writes goes through here.
         figure.savefig(tmp)
 
 How. The new content is written under a hidden temporary name beside the target,
-`.NAME.tmp-PID-HOST-XXXXXX`, so that the final rename stays inside one filesystem. Every file
+`.NAME.tmp-PID-HOST-STAMP-XXXXXX`, so that the final rename stays inside one filesystem. Every file
 and folder of it is fsynced before the rename makes it visible, and the parent folder after,
 so that after a power cut the name points at complete data, never at empty files. The
 temporary is created with the default modes (0o777 for folders, 0o666 for files), which the
@@ -22,23 +22,35 @@ some filesystems) the swap takes three renames with a window in which DST is abs
     .NAME.tmp-*  -> .NAME.new-*   (the new folder is complete)
     NAME         -> .NAME.old-*
     .NAME.new-*  -> NAME
-A run killed in that window leaves the pieces; the next write beside them, or the next read
-of NAME (`recover`), finishes the swap from .new or undoes it from .old.
+A run killed in that window leaves the pieces; the next write beside them (`recover`)
+finishes the swap from .new or undoes it from .old, and a read of NAME meanwhile reads the
+complete side (`readable`, below).
 
 Moving. `move` renames a file or folder to a new place in one step and fsyncs both parents:
 what moves stays whole. A caller that moves several things records its plan first, so that
 the next run can finish what a kill interrupted (minibert/resume.py).
 
-A full disk. Writers report it in their own ways (an OSError ENOSPC, safetensors' "No space
-left on device", torch's zip writer an "unexpected pos" that drops the errno); a write that
-fails on a filesystem with (almost) no space left raises DiskFullError, one line naming the
-target, once its temporary is deleted. So does a folder that cannot be created or written.
+A full disk. A write that fails for want of space raises DiskFullError, one line naming the
+target, how much was free and about how much it needed, once its temporary is deleted; a
+folder that cannot be created is one line too (minibert/write_errors.py).
 
 Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
-.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID
-and host in it tell whether its maker is still running. `recover_and_tidy`, called before every
-write, finishes or undoes the swaps and deletes the leftovers of makers that are gone, and
-names in a warning those it cannot judge (another machine's, or an older minibert's).
+.NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID,
+host and STAMP in it tell whether its maker is still running. PID and host alone cannot: a
+restarted container comes back with the same host name and the same PIDs (often 1). STAMP is a
+hash of the boot id (/proc/sys/kernel/random/boot_id) and of the process's start time
+(/proc/PID/stat), which a reboot or a restart changes: a leftover is its maker's while a
+process with its PID runs and has its stamp. Where /proc is missing, names have no STAMP
+(.NAME.tmp-PID-HOST-XXXXXX, as older minibert wrote them) and the PID alone is judged.
+`recover_and_tidy`, called before every write, finishes or undoes the swaps and deletes the
+leftovers of makers that are gone, and names in a warning those it cannot judge (another
+machine's, or an older minibert's).
+
+Reading never writes. A reader that finds NAME missing and the halves of an interrupted swap
+beside it (`readable`) reads the complete side, .NAME.new-* (the folder the swap was putting in
+place, complete before it was renamed so) or else .NAME.old-* (the folder it was replacing),
+and fixes nothing: the next write beside them finishes or undoes the swap. So a checkpoint on
+read-only storage reads as it would anywhere.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import re
 import secrets
@@ -59,65 +72,12 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import MinibertError
+from .write_errors import DiskFullError, disk_bytes, free_space, make_folder, out_of_space
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old|del)-(?P<pid>\d+)-"
-                       r"(?P<host>[A-Za-z0-9]*)-[0-9a-f]{6}")
+                       r"(?P<host>[A-Za-z0-9]*)(?:-(?P<stamp>[0-9a-f]{8}))?-[0-9a-f]{6}")
+_PROC = Path("/proc")  # Linux's view of processes; where it is missing names carry no stamp
 _FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old|del)-.+|.+\.\d+\.tmp")  # older names
-
-
-# A write that failed while the filesystem had less than this left failed for want of space.
-# A writer fills the disk to the last block before its write fails, so what is left is below
-# one block group, a few KB; 1 MB leaves room for filesystems that keep a reserve.
-_FULL_BELOW = 2**20
-
-
-class DiskFullError(MinibertError):
-    """No space left on the device while writing `target`: how much was free, and about how
-    much the write needed when the caller knew."""
-
-    def __init__(self, target: str | Path, free: int, needed: int | None = None):
-        self.target, self.free, self.needed = Path(target), free, needed
-        sizes = f"about {format_size(needed)} needed, " if needed else ""
-        super().__init__(f"no space left on the device while writing {target} "
-                         f"({sizes}{format_size(free)} free)")
-
-
-def format_size(size: int) -> str:
-    """Bytes as a person reads them: 5.2 kB, 51 MB, 1.3 GB (powers of 1000, as df -H)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
-        if size >= scale:
-            return f"{size / scale:.2g} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
-    return f"{size / 1e3:.2g} kB" if size < 1e4 else f"{size / 1e3:.0f} kB"
-
-
-def free_space(folder: str | Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem of `folder` (its nearest
-    existing ancestor); 0 when that cannot be read."""
-    folder = Path(folder)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 0
-
-
-def _out_of_space(error: BaseException, folder: Path) -> bool:
-    """Whether a write into `folder` failed for want of space (its temporary still there)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, DiskFullError) or (isinstance(seen, OSError) and seen.errno in (
-                errno.ENOSPC, errno.EDQUOT)):
-            return True
-        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    if isinstance(error, MinibertError):  # a failure that says what it is
-        return False
-    try:
-        return shutil.disk_usage(folder).free < _FULL_BELOW
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -127,67 +87,52 @@ def _space_checked(dst: Path, tmp: Path, needed: int | None) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if not _out_of_space(error, tmp.parent):
+        if not out_of_space(error, tmp.parent):
             raise
         # What is free once tmp is deleted, counted before: a writer's file that is still
         # open (torch.save's, held by the traceback) keeps its blocks after the deletion.
-        free = free_space(dst.parent) + _blocks(tmp)
+        free = free_space(dst.parent) + disk_bytes(tmp)
         _delete(tmp)
         if isinstance(error, DiskFullError) and needed is None:
             needed = error.needed
         raise DiskFullError(dst, free, needed) from None
 
 
-def _blocks(path: Path) -> int:
-    """Bytes the file or folder `path` takes on disk (0 if it is gone)."""
-    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
-    total = 0
-    for item in paths:
-        with contextlib.suppress(OSError):
-            total += os.lstat(item).st_blocks * 512
-    return total
-
-
-def check_writable(folder: str | Path, what: str) -> None:
-    """Raise a one-line MinibertError unless `folder` is a writable folder or could be created
-    as one (its nearest existing ancestor is a writable folder). Creates nothing."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise MinibertError(f"{what} {folder}: cannot write there ({existing} is not a folder)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise MinibertError(f"{what} {folder}: cannot write there ({existing} is not writable)")
-
-
-def make_folder(folder: str | Path, what: str) -> Path:
-    """Create `folder` and its parents (nothing if it exists); a one-line MinibertError
-    naming `what` (out_dir, cache_dir) when that is not possible."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(folder, free_space(folder)) from None
-        raise MinibertError(f"{what} {folder}: cannot create it "
-                            f"({error.strerror or error})") from None
-    return folder
-
-
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
 
 
+def _stamp(pid: int) -> str | None:
+    """8 hex digits that a reboot or a restart changes: a hash of the boot id and of the start
+    time of process `pid` (in clock ticks since boot), or None where /proc cannot tell (no such
+    process, or no /proc)."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+    except (OSError, IndexError):
+        return None
+    try:
+        boot = (_PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except OSError:
+        boot = ""  # a start time alone still tells a restarted container's PID 1 from ours
+    return hashlib.sha256(f"{boot} {start}".encode()).hexdigest()[:8]
+
+
 def _aside(dst: Path, kind: str) -> Path:
-    """A hidden name beside dst that records who made it: .NAME.KIND-PID-HOST-XXXXXX."""
-    return dst.with_name(f".{dst.name}.{kind}-{os.getpid()}-{_host()}-{secrets.token_hex(3)}")
+    """A hidden name beside dst that records who made it: .NAME.KIND-PID-HOST-STAMP-XXXXXX
+    (without -STAMP where /proc is missing)."""
+    pid = os.getpid()
+    stamp = _stamp(pid)
+    maker = f"{pid}-{_host()}" + (f"-{stamp}" if stamp else "")
+    return dst.with_name(f".{dst.name}.{kind}-{maker}-{secrets.token_hex(3)}")
 
 
-def _writer_is_gone(pid: int, host: str) -> bool | None:
+def _writer_is_gone(pid: int, host: str, stamp: str | None) -> bool | None:
     """True if the process that made a leftover has exited; None if that cannot be known."""
     if host != _host():
         return None
+    if stamp is not None and (now := _stamp(pid)) is not None:
+        return now != stamp  # a process with that PID runs: the maker only if it has its stamp
     if pid == os.getpid():
         return False
     try:
@@ -220,7 +165,8 @@ def recover_and_tidy(parent: str | Path) -> None:
     for path in entries:
         match = _LEFTOVER.fullmatch(path.name)
         if match and path.exists():
-            gone = _writer_is_gone(int(match.group("pid")), match.group("host"))
+            gone = _writer_is_gone(int(match.group("pid")), match.group("host"),
+                                   match.group("stamp"))
             if gone:
                 _delete(path)
             elif gone is None:
@@ -231,26 +177,45 @@ def recover_and_tidy(parent: str | Path) -> None:
                           f"if nothing writes there", stacklevel=3)
 
 
+def _swap_halves(dst: Path, writer_gone: bool) -> list[Path]:
+    """The halves of an interrupted swap of `dst`, the complete side first: .new folders (a
+    .new folder is complete: it was renamed so only after its fsync), then .old ones (without a
+    .new, the swap had only moved the old folder aside). With writer_gone, only those whose
+    writer is known to be gone."""
+    halves: dict[str, list[Path]] = {"new": [], "old": []}
+    with contextlib.suppress(OSError):  # no parent, or not readable: no halves to be found
+        for path in sorted(dst.parent.iterdir()):
+            match = _LEFTOVER.fullmatch(path.name)
+            if (match and match.group("name") == dst.name and match.group("kind") in halves
+                    and (not writer_gone or _writer_is_gone(
+                        int(match.group("pid")), match.group("host"), match.group("stamp")))):
+                halves[match.group("kind")].append(path)
+    return halves["new"] + halves["old"]
+
+
 def recover(dst: str | Path) -> None:
-    """If a swap of `dst` was interrupted (its writer is gone), finish it or undo it."""
+    """If a swap of `dst` was interrupted (its writer is gone), finish it from the .new half or
+    undo it from the .old one. Writers call it (`recover_and_tidy`); readers use `readable`."""
     dst = Path(dst)
     if dst.exists():
         return
-    pieces: dict[str, list[Path]] = {"new": [], "old": []}
-    with contextlib.suppress(OSError):  # no parent, or not readable: nothing to recover
-        for path in dst.parent.iterdir():
-            match = _LEFTOVER.fullmatch(path.name)
-            if (match and match.group("name") == dst.name and match.group("kind") in pieces
-                    and _writer_is_gone(int(match.group("pid")), match.group("host"))):
-                pieces[match.group("kind")].append(path)
-    # A .new folder is complete (it was renamed so only after its fsync): finish the swap.
-    # Without one, the swap had only moved the old folder aside: undo that.
-    for found in (pieces["new"], pieces["old"]):
-        if found:
-            with contextlib.suppress(FileNotFoundError):  # another process recovered it first
-                os.rename(found[0], dst)
-                _fsync_path(dst.parent)
-            return
+    halves = _swap_halves(dst, writer_gone=True)
+    if halves:
+        with contextlib.suppress(FileNotFoundError):  # another process recovered it first
+            os.rename(halves[0], dst)
+            _fsync_path(dst.parent)
+
+
+def readable(dst: str | Path) -> Path:
+    """What a reader of `dst` reads, writing nothing: `dst`, or where `dst` is missing because a
+    swap of it was interrupted, the complete side of that swap (the .new folder, else the .old
+    one), left as it is for the next write beside it to finish (`recover_and_tidy`). Any
+    writer's halves count: a .new folder is complete whoever made it."""
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    halves = _swap_halves(dst, writer_gone=False)
+    return halves[0] if halves else dst
 
 
 @contextlib.contextmanager
@@ -326,12 +291,7 @@ def move(src: str | Path, dst: str | Path) -> None:
 
 
 def _make_parent(dst: Path) -> None:
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(dst, free_space(dst.parent)) from None
-        raise MinibertError(f"{dst}: cannot create its folder ({error.strerror or error})") from None
+    make_folder(dst.parent)
 
 
 def remove_folder(path: str | Path) -> None:

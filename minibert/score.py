@@ -20,6 +20,12 @@ is easy to restore piece by piece when the other pieces stay visible, so plain P
 the scores of rare, long words. word-l2r also hides the pieces of the same word to
 the right of the one being scored: each piece is predicted from the context and the pieces of
 its word to its left only. A word's last piece, and a one-piece word, score as in plain PLL.
+The first column of the listing is then headed PLL-word-l2r, and --json's "metric" says which
+score "pll" holds (PLL or PLL-word-l2r).
+
+A sentence that cannot be scored (no tokens, longer than the model's positions) is reported
+on stderr as FILE:LINE (or argument N) and in --json as {"text", "error": {"source",
+"message"}}; the others are still scored, and the exit status is 1.
 
 A sentence of n tokens becomes n masked copies. The copies of all sentences go through the
 model batch_size at a time (padded where sentences differ in length), so memory stays bounded
@@ -32,7 +38,7 @@ import itertools
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -40,7 +46,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import read_checkpoint
-from .cli import ArgumentParser
+from .cli import ArgumentParser, read_sentences, report_failures
 from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
@@ -81,18 +87,21 @@ def masked_copies(ids: torch.Tensor, starts: torch.Tensor, mask_token_id: int,
     return ids.repeat(len(positions), 1).masked_fill(hide, mask_token_id)
 
 
-def _copies(sentences: list[torch.Tensor], tokenizer: Tokenizer, mask_token_id: int,
+def _copies(sentences: list[torch.Tensor | None], tokenizer: Tokenizer, mask_token_id: int,
             word_l2r: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(sentence index, scored position, masked copy) for every token of every sentence,
-    built one sentence at a time so that only one sentence's copies are ever held."""
+    """(sentence index, scored position, masked copy) for every token of every sentence (None:
+    a sentence that could not be encoded), built one sentence at a time so that only one
+    sentence's copies are ever held."""
     for index, ids in enumerate(sentences):
+        if ids is None:
+            continue
         copies = masked_copies(ids, word_starts(tokenizer, ids), mask_token_id, word_l2r)
         for position, copy in enumerate(copies, start=1):
             yield index, position, copy
 
 
 def _chunk_logprobs(model: BertForMaskedLM, chunk: list[tuple[int, int, torch.Tensor]],
-                    sentences: list[torch.Tensor], pad_token_id: int) -> list[float]:
+                    sentences: list[torch.Tensor | None], pad_token_id: int) -> list[float]:
     """One forward pass over a chunk of masked copies (padded to the longest): for each copy,
     log P(original token) at its hidden position."""
     copies = [copy for _, _, copy in chunk]
@@ -107,11 +116,21 @@ def _chunk_logprobs(model: BertForMaskedLM, chunk: list[tuple[int, int, torch.Te
 def score_sentences(model: BertForMaskedLM, tokenizer: Tokenizer,
                     texts: list[str] | tuple[str, ...], *, word_l2r: bool = False,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
-    """`pseudo_log_likelihood` of many sentences; the same order as `texts`."""
+    """`pseudo_log_likelihood` of many sentences; the same order as `texts`.
+
+    A text that cannot be scored (no tokens, longer than the model's positions) gets
+    {"text": text, "error": {"message": why}} and does not stop the others."""
     if batch_size < 1:
         raise MinibertError(f"batch_size must be >= 1, got {batch_size}")
-    sentences = [encode(tokenizer, text, model.config.max_position_embeddings) for text in texts]
-    logprobs = [[0.0] * (len(ids) - 2) for ids in sentences]
+    sentences: list[torch.Tensor | None] = []
+    errors: dict[int, str] = {}
+    for index, text in enumerate(texts):
+        try:
+            sentences.append(encode(tokenizer, text, model.config.max_position_embeddings))
+        except MinibertError as error:
+            sentences.append(None)
+            errors[index] = str(error)
+    logprobs = [[0.0] * (len(ids) - 2) if ids is not None else [] for ids in sentences]
     pad_token_id, mask_token_id = tokenizer.token_to_id("[PAD]"), tokenizer.token_to_id("[MASK]")
     was_training = model.training
     model.eval()  # dropout off: a score must not depend on the mode the caller left it in
@@ -124,7 +143,10 @@ def score_sentences(model: BertForMaskedLM, tokenizer: Tokenizer,
     finally:
         model.train(was_training)
     results = []
-    for text, ids, values in zip(texts, sentences, logprobs):
+    for index, (text, ids, values) in enumerate(zip(texts, sentences, logprobs)):
+        if ids is None:
+            results.append({"text": text, "error": {"message": errors[index]}})
+            continue
         tokens = [{"token": tokenizer.id_to_token(token_id), "token_id": token_id, "logprob": value}
                   for token_id, value in zip(ids[1:-1].tolist(), values)]
         pll = sum(values)
@@ -142,16 +164,29 @@ def pseudo_log_likelihood(model: BertForMaskedLM, tokenizer: Tokenizer, text: st
              "tokens": [{"token", "token_id", "logprob"}, ...]}   # without [CLS] and [SEP]
     logprob is the natural log of P(token | the sentence with it hidden), and with word_l2r
     also with the later pieces of its word hidden (Kauf & Ivanova 2023). The model is run in
-    eval mode whatever its mode, which is restored afterwards.
+    eval mode whatever its mode, which is restored afterwards. Raises MinibertError for a text
+    it cannot score.
     """
-    return score_sentences(model, tokenizer, [text], word_l2r=word_l2r, batch_size=batch_size)[0]
+    result = score_sentences(model, tokenizer, [text], word_l2r=word_l2r,
+                             batch_size=batch_size)[0]
+    if "error" in result:
+        raise MinibertError(result["error"]["message"])
+    return result
 
 
-def format_results(results: list[dict]) -> str:
-    """The plain listing: one line per sentence, highest PLL (most probable) first."""
-    lines = [f"{'PLL':>9}  {'pseudo-PPL':>10}  {'tokens':>6}  sentence"]
+def score_name(word_l2r: bool) -> str:
+    """What the "pll" of a result is: PLL, or PLL-word-l2r when word_l2r hid the later pieces."""
+    return "PLL-word-l2r" if word_l2r else "PLL"
+
+
+def format_results(results: list[dict], word_l2r: bool = False) -> str:
+    """The plain listing: one line per sentence, highest PLL (most probable) first; the first
+    column is headed by the score's name (score_name)."""
+    name = score_name(word_l2r)
+    width = max(9, len(name))
+    lines = [f"{name:>{width}}  {'pseudo-PPL':>10}  {'tokens':>6}  sentence"]
     for result in sorted(results, key=lambda r: r["pll"], reverse=True):
-        lines.append(f"{result['pll']:9.2f}  {result['pseudo_perplexity']:10.2f}  "
+        lines.append(f"{result['pll']:{width}.2f}  {result['pseudo_perplexity']:10.2f}  "
                      f"{len(result['tokens']):6d}  {result['text']}")
     return "\n".join(lines)
 
@@ -164,22 +199,16 @@ class ScoreArgs:
     batch_size: int = DEFAULT_BATCH_SIZE  # masked copies per forward pass: bounds memory
     device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
     json: bool = False  # one JSON object per sentence, in input order, instead of the ranking
+    sources: list[str] = field(default_factory=list)  # where each text came from: "FILE:LINE"
 
     def __post_init__(self) -> None:
         if not self.texts:
             raise MinibertError("no sentence to score: pass TEXT or --file F")
+        if not self.sources:
+            self.sources = [f"argument {i}" for i in range(1, len(self.texts) + 1)]
         if self.batch_size < 1:
             raise MinibertError(f"batch_size must be >= 1, got {self.batch_size}")
         check_device(self.device)
-
-
-def _read_sentences(file: Path) -> list[str]:
-    """One sentence a line; blank lines are skipped."""
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MinibertError(f"{file}: cannot read sentences ({error})") from None
-    return [line.strip() for line in lines if line.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> ScoreArgs:
@@ -198,15 +227,19 @@ def parse_args(argv: list[str] | None = None) -> ScoreArgs:
     parser.add_argument("--device", default="auto",
                         help="auto, cpu or cuda; auto: cuda when a GPU is visible")
     parser.add_argument("--json", action="store_true",
-                        help="one JSON object per sentence, in input order: text, pll, "
-                             "pseudo_perplexity, tokens")
+                        help="one JSON object per sentence, in input order: text, metric "
+                             "(PLL or PLL-word-l2r), pll, pseudo_perplexity, tokens")
     ns = parser.parse_args(argv)
-    texts = list(ns.text) + (_read_sentences(ns.file) if ns.file is not None else [])
-    return ScoreArgs(model=ns.model, texts=texts, word_l2r=ns.word_l2r,
-                     batch_size=ns.batch_size, device=ns.device, json=ns.json)
+    sentences = [(f"argument {i}", text) for i, text in enumerate(ns.text, start=1)]
+    if ns.file is not None:
+        sentences += read_sentences(ns.file)
+    return ScoreArgs(model=ns.model, texts=[text for _, text in sentences],
+                     word_l2r=ns.word_l2r, batch_size=ns.batch_size, device=ns.device,
+                     json=ns.json, sources=[source for source, _ in sentences])
 
 
-def run(args: ScoreArgs) -> None:
+def run(args: ScoreArgs) -> int:
+    """Score every sentence; 1 when any could not be scored (each reported on stderr)."""
     device = resolve_device(args.device)
     model, folder, notices = read_checkpoint(args.model, require_head=True)
     for notice in notices:
@@ -214,10 +247,17 @@ def run(args: ScoreArgs) -> None:
     model.to(device)
     results = score_sentences(model, load_tokenizer(folder), args.texts, word_l2r=args.word_l2r,
                               batch_size=args.batch_size)
+    failed = report_failures(results, args.sources)
     if args.json:
-        print("\n".join(json.dumps(result) for result in results))
+        name = score_name(args.word_l2r)
+        print("\n".join(json.dumps(result if "error" in result else
+                                    {"text": result["text"], "metric": name, **result})
+                         for result in results))
     else:
-        print(format_results(results))
+        good = [result for result in results if "error" not in result]
+        if good:
+            print(format_results(good, args.word_l2r))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,12 +42,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_pretrained
+from .checkpoint import not_a_checkpoint, save_pretrained
 from .distributed import is_main
 from .errors import MinibertError
 from .model import BertForMaskedLM
-from .safe_write import DiskFullError, atomic_folder, free_space, remove_folder, write_text
+from .safe_write import atomic_folder, readable, remove_folder, write_text
 from .train_config import TrainConfig
+from .write_errors import DiskFullError, free_space
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -124,11 +125,29 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def not_a_resume_checkpoint(folder: Path) -> str | None:
+    """What makes `folder` other than a resume checkpoint (model/, a checkpoint folder, and
+    training_state.pt, nothing else): "notes.txt", "model/notes.txt"; None for one, or an
+    empty folder. What its writer may replace, as --overwrite replaces only a checkpoint."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "model" and entry.is_dir():
+            if (problem := not_a_checkpoint(entry)) is not None:
+                return f"model/{problem}"
+        elif entry.name != STATE_FILE or not entry.is_file():
+            return f"{entry.name}/" if entry.is_dir() else entry.name
+    return None
+
+
 def save_training_state(folder: str | Path, *, model: BertForMaskedLM, tokenizer_source: Path,
                         optimizer: torch.optim.Optimizer, scheduler: Any,
                         scaler: torch.amp.GradScaler, rng_states: list[dict],
                         position: DataPosition, config: dict) -> Path:
-    """Write one resume checkpoint folder atomically. `rng_states` holds one entry per rank."""
+    """Write one resume checkpoint folder atomically. `rng_states` holds one entry per rank.
+    An existing folder is replaced only if it is a resume checkpoint itself."""
+    if Path(folder).exists() and (problem := "not a folder" if not Path(folder).is_dir()
+                                  else not_a_resume_checkpoint(Path(folder))) is not None:
+        raise MinibertError(f"{folder}: not replaced: a resume checkpoint holds model/ and "
+                            f"{STATE_FILE} only, and this one holds {problem}")
     needed = tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict())
     with atomic_folder(folder, overwrite=True, needed=needed) as tmp:
         save_pretrained(model, tmp / "model", tokenizer_source=tokenizer_source)
@@ -193,13 +212,15 @@ def newest_checkpoint(out_dir: str | Path, kind: str = "complete",
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
-    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder."""
+    """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder (or,
+    where a replacement of it was interrupted, its complete side: safe_write.readable). Only
+    reads: the run tidies its own out_dir before (trainer.starting_point), never the source."""
     if resume == "latest":
         found = step_checkpoints(out_dir)
         if not found:
             raise MinibertError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
         return found[-1]
-    folder = Path(resume)
+    folder = readable(resume)  # reading never writes: an interrupted swap's complete side
     if not folder.is_dir():
         raise MinibertError(f"--resume {resume}: no such folder")
     if not (folder / STATE_FILE).is_file():

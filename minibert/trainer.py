@@ -47,8 +47,7 @@ from .optimizer import Trainee, make_optimizer, optimizer_step
 from .plot import plot_runs
 from .precision import precision_warning, resolve_device, resolve_precision
 from .resume import finish_new_lines, nothing_to_do, plan_new_line, restore, start_new_line
-from .safe_write import (DiskFullError, check_writable, make_folder, recover_and_tidy,
-                         remove_folder)
+from .safe_write import recover_and_tidy, remove_folder
 from .stopping import StopRequest, divergence
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
@@ -56,6 +55,7 @@ from .training_log import TrainingLog
 from .train_state import (DataPosition, MetricsFile, checkpoint_step, newest_checkpoint, prune,
                           resolve_resume, rng_state, save_training_state, step_checkpoints,
                           tensor_bytes)
+from .write_errors import DiskFullError, check_writable, make_folder
 
 # ---------------------------------------------------------------------------------------------
 # setup

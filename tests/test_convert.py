@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ASSETS, BERT_TINY, MINILM, REPO
+from convert_weights import convert, parse_args
 from minibert import load_pretrained, load_tokenizer
 from minibert.convert import hf_to_minibert
 from minibert.model import BertConfig, BertForMaskedLM
@@ -263,7 +264,7 @@ def broken_json(folder):
     (remove_weights, "no weights"),
     (corrupt_truncated, "corrupt or truncated"),
     (corrupt_garbage, "corrupt or truncated"),
-    (short_vocab, "but the word embedding matrix has"),
+    (short_vocab, "does not match"),
     (heads_not_dividing, "not divisible"),
     (wrong_hidden, "has shape"),
     (extra_layer, "weights lack"),
@@ -294,8 +295,13 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
     (tmp_path / "dst" / "keep.txt").write_text("mine")
     result = run_convert(BERT_TINY, tmp_path / "dst")
     assert result.returncode == 1 and "already exists" in result.stderr
-    assert (tmp_path / "dst" / "keep.txt").exists()
-    assert run_convert(BERT_TINY, tmp_path / "dst", "--overwrite").returncode == 0
+    result = run_convert(BERT_TINY, tmp_path / "dst", "--overwrite")  # not a checkpoint: kept
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "replaces only a checkpoint folder" in result.stderr and "keep.txt" in result.stderr
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
+    (tmp_path / "dst" / "keep.txt").unlink()
+    shutil.copytree(BERT_TINY, tmp_path / "dst", dirs_exist_ok=True)  # a checkpoint: replaced
+    convert(parse_args([str(BERT_TINY), str(tmp_path / "dst"), "--overwrite"]))
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]
 

@@ -184,3 +184,18 @@ def test_training_attention_on_cpu_equals_the_fused_kernel():
                                        attention.eval()(x, key_padding_mask),
                                        atol=1e-5, rtol=1e-5)
             attention.qkv.weight.div_(20.0)
+
+
+def test_max_targets_below_a_rows_target_count_is_refused():
+    # A k below some row's target count would drop that row's last targets: a smaller loss,
+    # silently. With labels on the CPU, in eager mode, counting them costs no sync: refused.
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(**CONFIG)).eval()
+    ids, attention_mask, labels = masked_batch()
+    k = most_targets(labels)
+    with torch.no_grad():
+        model(ids, attention_mask, labels=labels, max_targets=k)  # the smallest valid k
+        for call in (lambda: model(ids, attention_mask, labels=labels, max_targets=k - 1),
+                     lambda: model.masked_logits(ids, labels, attention_mask, max_targets=k - 1)):
+            with pytest.raises(ValueError, match=f"max_targets {k - 1} .* {k} targets"):
+                call()

@@ -91,6 +91,22 @@ def test_random_init_reads_config_and_vocab_only(config_folder):
         random_init(config_folder, seed=0, overrides={"num_attention_heads": 5})
 
 
+def test_pad_token_id_must_be_the_vocabularys_pad(config_folder, tiny_model, tmp_path):
+    # [PAD] is 0 in the real vocabulary. pad_token_id 7 would leave [PAD]'s embedding row
+    # training and freeze token 7's at zero: refused in one line, for a new model (init random)
+    # as for a checkpoint whose config.json says so.
+    with pytest.raises(MinibertError, match=r"^pad_token_id 7 does not match .*vocab.txt, "
+                                            r"where \[PAD\] is 0"):
+        random_init(config_folder, seed=0, overrides={"pad_token_id": 7})
+    wrong = tmp_path / "wrong-pad"
+    shutil.copytree(tiny_model, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "pad_token_id": 7}))
+    with pytest.raises(MinibertError, match=r"^pad_token_id 7 does not match .*\[PAD\] is 0"):
+        read_checkpoint(wrong)
+    with pytest.raises(MinibertError, match=r"^vocab_size 1000 does not match .*30522 tokens"):
+        random_init(config_folder, seed=0, overrides={"vocab_size": 1000, "pad_token_id": 7})
+
 # ---------------------------------------------------------------------------------------------
 # [model_config] in TOML files and on the command line
 

@@ -4,6 +4,7 @@ kill -9 at random moments of a conversion with --overwrite."""
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -15,12 +16,15 @@ import pytest
 import torch
 
 from conftest import BERT_TINY, REPO
+from convert_weights import convert, parse_args as convert_args
 from minibert import safe_write
 from minibert.checkpoint import read_checkpoint, save_pretrained
 from minibert.data import write_atomically
 from minibert.model import BertConfig, BertForMaskedLM
 from minibert.plot import plot_runs
-from minibert.train_state import STATE_FILE, prune, step_checkpoints
+from minibert.errors import MinibertError
+from minibert.train_state import (STATE_FILE, DataPosition, prune, save_training_state,
+                                  step_checkpoints)
 
 TINY = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=16)
@@ -114,9 +118,10 @@ with safe_write.atomic_folder({dst!r}, overwrite=True) as tmp:
 """
 
 
-def test_a_killed_swap_is_finished_or_undone_by_the_next_reader(tmp_path):
-    """SIGKILL between the three renames of a swap (where RENAME_EXCHANGE is missing): the next
-    read of DST finishes the swap from the complete .new folder, or undoes it from .old."""
+def test_a_killed_swap_is_read_from_its_complete_side_and_finished_by_the_next_write(tmp_path):
+    """SIGKILL between the three renames of a swap (where RENAME_EXCHANGE is missing): a read of
+    DST reads the complete side (.new, else .old) and changes nothing; the next write beside
+    it finishes the swap from the complete .new folder, or undoes it from .old."""
     old, new = tiny(1), tiny(2)
     save_pretrained(new, tmp_path / "new-source")
     for kill_after in (1, 2):
@@ -127,9 +132,13 @@ def test_a_killed_swap_is_finished_or_undone_by_the_next_reader(tmp_path):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert result.returncode == 9, result.stderr
         assert dst.exists() == (kill_after == 1)  # after the second rename DST is missing
-        assert which(dst, {"old": old, "new": new}) == ("old" if kill_after == 1 else "new")
+        expected = "old" if kill_after == 1 else "new"
+        names = sorted(p.name for p in dst.parent.iterdir())
+        assert which(dst, {"old": old, "new": new}) == expected
+        assert sorted(p.name for p in dst.parent.iterdir()) == names  # reading wrote nothing
         save_pretrained(tiny(3), dst.parent / f"beside-{kill_after}")  # a write beside: tidies
-        assert hidden_entries(dst.parent) == []
+        assert hidden_entries(dst.parent) == [] and dst.is_dir()
+        assert which(dst, {"old": old, "new": new}) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +239,48 @@ def test_leftovers_of_killed_writers_are_removed_by_the_next_write_beside_them(t
     assert foreign.exists() and old_style.exists()  # named, not deleted
 
 
+def test_a_leftover_with_this_pid_but_another_process_stamp_is_judged_dead(tmp_path):
+    """After a container restart the same host name and PID (often 1) come back: the PID in
+    a leftover's name does not tell its writer from this process. The name also carries a
+    stamp of the writer's boot and start time; a leftover with this process's PID and host
+    but another stamp is a dead writer's: its temporary is deleted and its interrupted swap
+    finished by the next write beside it."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:40]
+    pid = os.getpid()
+    stamp = safe_write._aside(tmp_path / "x", "tmp").name.split("-")[-2]  # this process's
+    other = "0" * len(stamp) if stamp != "0" * len(stamp) else "1" * len(stamp)
+    stale = tmp_path / f".step-4.tmp-{pid}-{host}-{other}-0a1b2c"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    # An interrupted swap of `final`: the new folder is complete, the old one moved aside.
+    for model, piece in ((tiny(1), f".final.old-{pid}-{host}-{other}-111111"),
+                         (tiny(2), f".final.new-{pid}-{host}-{other}-222222")):
+        save_pretrained(model, tmp_path / "elsewhere" / "model")
+        os.rename(tmp_path / "elsewhere" / "model", tmp_path / piece)
+    (tmp_path / "elsewhere").rmdir()
+    mine = tmp_path / f".step-5.tmp-{pid}-{host}-{stamp}-abcdef"  # this very process's
+    mine.mkdir()
+
+    save_pretrained(tiny(3), tmp_path / "step-8")  # a write beside them
+    assert not stale.exists()
+    assert which(tmp_path / "final", {"old": tiny(1), "new": tiny(2)}) == "new"
+    assert hidden_entries(tmp_path) == [mine.name]  # a running writer's temporary is kept
+
+
+def test_without_proc_leftovers_are_judged_by_pid_and_host(tmp_path, monkeypatch):
+    """Where /proc is missing (other systems) names carry no stamp and a leftover's writer is
+    judged by its PID alone, as a write on such a system can tell."""
+    monkeypatch.setattr(safe_write, "_PROC", tmp_path / "no-proc")
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:40]
+    name = safe_write._aside(tmp_path / "step-1", "tmp").name
+    assert safe_write._LEFTOVER.fullmatch(name).group("stamp") is None
+    stale = tmp_path / f".step-4.tmp-{dead_pid()}-{host}-0a1b2c"
+    stale.mkdir()
+    live = tmp_path / f".step-5.tmp-{os.getppid()}-{host}-abcdef"
+    live.mkdir()
+    save_pretrained(tiny(3), tmp_path / "step-8")
+    assert not stale.exists() and live.exists()
+
 def test_pruning_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     for step in (1, 2):
         folder = tmp_path / "checkpoints" / f"step-{step}"
@@ -246,6 +297,85 @@ def test_pruning_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     prune(tmp_path, keep_last=1)
     assert seen and all(names == ["step-2"] for names in seen), seen
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What --overwrite replaces: a checkpoint folder, nothing else
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_replaces_a_checkpoint_folder_and_nothing_else(tmp_path, monkeypatch):
+    notes = tmp_path / "notes"  # the user's folder: a note and a subfolder
+    (notes / "sub").mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine")
+    (notes / "sub" / "data.txt").write_text("mine too")
+    for flags in ([], ["--overwrite"]):
+        with pytest.raises(MinibertError, match=r"notes: (already exists|--overwrite replaces "
+                                                r"only a checkpoint folder .* holds notes.txt)"):
+            convert(convert_args([str(BERT_TINY), str(notes), *flags]))
+    with pytest.raises(MinibertError, match="only a checkpoint folder"):
+        save_pretrained(tiny(1), notes, overwrite=True)
+    assert names(notes) == ["notes.txt", "sub", "sub/data.txt"]
+
+    # A checkpoint is replaced: minibert's (train.py's final/ is one), HuggingFace's, and an
+    # empty folder, which holds nothing to lose.
+    dst = tmp_path / "dst"
+    convert(convert_args([str(BERT_TINY), str(dst)]))
+    for flags in (["--to-hf"], [], []):
+        convert(convert_args([str(BERT_TINY), str(dst), "--overwrite", *flags]))
+        assert (dst / "config.json").is_file()
+    save_pretrained(tiny(2), dst, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    save_pretrained(tiny(2), tmp_path / "empty", overwrite=True)
+    assert names(tmp_path / "empty") == ["config.json", "model.safetensors"]
+
+
+def test_overwrite_never_replaces_the_current_folder_a_source_parent_home_or_root(tmp_path,
+                                                                                  monkeypatch):
+    source = tmp_path / "models" / "source"
+    save_pretrained(tiny(1), source)
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()  # empty, as work is: the rule for a checkpoint alone would let them go
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    for dst, why in ((".", "the current folder"), ("..", "the current folder"),
+                     (str(source.parent), f"holds the source {source}"),
+                     (str(home), "the home folder"), ("/", "never replaces /")):
+        with pytest.raises(MinibertError, match=re.escape(why)):
+            save_pretrained(tiny(2), dst, overwrite=True, tokenizer_source=source)
+    assert names(tmp_path) == ["home", "models", "models/source", "models/source/config.json",
+                               "models/source/model.safetensors", "work"]
+    # The command: one line, exit 1, no traceback (DST "." once crashed in with_name).
+    result = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(BERT_TINY), ".",
+                             "--overwrite"], capture_output=True, text=True, cwd=work)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr == f"error: .: --overwrite never replaces the current folder or a " \
+                            f"folder that holds it ({work})\n"
+
+
+def test_a_resume_checkpoint_replaces_only_a_resume_checkpoint(tmp_path):
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def save(folder: Path) -> None:
+        save_training_state(
+            folder, model=model, tokenizer_source=None, optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            scaler=torch.amp.GradScaler("cpu", enabled=False), rng_states=[],
+            position=DataPosition(2, 0, 2, 4, 40), config={})
+
+    step = tmp_path / "checkpoints" / "step-2"
+    save(step)
+    save(step)  # a step-N folder (model/ and training_state.pt) is replaced
+    assert names(step) == ["model", "model/config.json", "model/model.safetensors", STATE_FILE]
+    (step / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(MinibertError, match="step-2: .* holds model/notes.txt"):
+        save(step)
+    assert (step / "model" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,9 +176,48 @@ def test_cli_json_from_file_in_input_order(monkeypatch, capsys, model, tokenizer
     expected = score_sentences(model, tokenizer, SENTENCES[:3], word_l2r=True)
     assert [o["text"] for o in objects] == list(SENTENCES[:3])
     for got, want in zip(objects, expected):
-        assert list(got) == ["text", "pll", "pseudo_perplexity", "tokens"]
+        assert list(got) == ["text", "metric", "pll", "pseudo_perplexity", "tokens"]
         assert got["pll"] == pytest.approx(want["pll"], abs=1e-5)
 
+
+def test_bad_sentences_are_reported_and_the_others_scored(monkeypatch, capsys, model, tokenizer,
+                                                          tmp_path):
+    # As fill-mask: each sentence that cannot be scored is named (FILE:LINE, argument N) on
+    # stderr and in --json as an error object; the others are scored; the status is 1.
+    file = tmp_path / "sentences.txt"
+    file.write_text(f"{SENTENCES[0]}\n\n" + "word " * 600 + f"\n{SENTENCES[4]}\n",
+                    encoding="utf-8")
+    expected = score_sentences(model, tokenizer, [SENTENCES[2], SENTENCES[0], SENTENCES[4]])
+    for output in ("plain", "json"):
+        status, stdout, stderr = run_main(
+            monkeypatch, capsys, "--model", str(BERT_TINY), SENTENCES[2], "   ", "--file",
+            str(file), *(["--json"] if output == "json" else []))
+        assert status == 1
+        assert stderr.splitlines() == [
+            "error: argument 2: nothing to score in '   ': it has no tokens",
+            f"error: {file}:3: 602 tokens in 'word word word word word word ...', but the model "
+            f"has only 512 positions"]
+        if output == "plain":
+            assert stdout == format_results(expected) + "\n"
+            continue
+        objects = [json.loads(line) for line in stdout.splitlines()]
+        assert [o["text"] for o in objects] == [SENTENCES[2], "   ", SENTENCES[0],
+                                                "word " * 599 + "word", SENTENCES[4]]
+        for got, want in zip([objects[0], objects[2], objects[4]], expected):
+            assert got["pll"] == pytest.approx(want["pll"], rel=1e-6, abs=1e-5)
+        assert objects[1] == {"text": "   ", "error": {
+            "source": "argument 2", "message": "nothing to score in '   ': it has no tokens"}}
+        assert objects[3]["error"]["source"] == f"{file}:3" and "pll" not in objects[3]
+
+
+@pytest.mark.parametrize("word_l2r, name", [(False, "PLL"), (True, "PLL-word-l2r")])
+def test_the_score_shown_is_named(monkeypatch, capsys, word_l2r, name):
+    flags = ["--word-l2r"] if word_l2r else []
+    status, stdout, _ = run_main(monkeypatch, capsys, "--model", str(BERT_TINY), *flags, "Go!")
+    assert status == 0 and stdout.splitlines()[0].split()[0] == name
+    status, stdout, _ = run_main(monkeypatch, capsys, "--model", str(BERT_TINY), *flags, "--json",
+                                 "Go!")
+    assert status == 0 and json.loads(stdout)["metric"] == name
 
 BAD_INPUTS = {  # message expected on stderr: command-line arguments
     "only 512 positions": ["--model", str(BERT_TINY), "word " * 600],
