@@ -197,8 +197,7 @@ def nan_gradient_at(step: int):
 
 @pytest.mark.parametrize("precision, log_every, nan_step", [
     ("fp32", 10, 4),  # caught before the save at step 4: only the gradient norm is NaN there
-    ("bf16", 10, 4),
-    ("fp32", 2, 3),  # caught at the log line of step 4, whose loss is NaN
+    ("bf16", 2, 3),  # caught at the log line of step 4, whose loss is NaN
 ])
 def test_a_loss_that_blows_up_stops_the_run(make_config, precision, log_every, nan_step):
     config = make_config(f"nan-{precision}-{log_every}", precision=precision, max_steps=8,
