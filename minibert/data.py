@@ -39,6 +39,7 @@ barrier is involved, so the process group's timeout cannot fire during a long to
 from __future__ import annotations
 
 import hashlib
+import time
 from itertools import chain
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .errors import MinibertError
+from .progress import interactive, say
 from .safe_write import atomic_file
 from .splits import (SplitText, available_splits, check_splits,  # noqa: F401 (re-exported)
                      normalize_split, read_split)
@@ -62,14 +64,17 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
                 cache_dir: str | Path, *, join_wikitext_artifacts: bool = True,
                 show_progress: bool = True) -> np.ndarray:
     """The (num_blocks, max_seq_length) int32 token ids of one split, memory-mapped from the
-    cache in `cache_dir` (built first if needed). `tokenizer` is a `tokenizers.Tokenizer`."""
+    cache in `cache_dir` (built first if needed). `tokenizer` is a `tokenizers.Tokenizer`.
+    show_progress: bars on a terminal; where the output is not one, a line on stderr when a
+    build starts and one when it ends (minibert/progress.py)."""
     if not isinstance(max_seq_length, int) or max_seq_length < 3:
         raise MinibertError(f"max_seq_length must be an integer >= 3 ([CLS], one token, [SEP]), "
                             f"got {max_seq_length!r}")
     split = normalize_split(split)
     block_special_ids(tokenizer)  # a tokenizer that cannot frame blocks fails before any reading
     text = read_split(data, split)
-    content, size = text.digest(show_progress=show_progress, desc=f"hashing {split}")
+    content, size = text.digest(show_progress=show_progress and interactive(),
+                                desc=f"hashing {split}")
 
     key = hashlib.sha256()
     for part in (f"minibert blocks v{FORMAT_VERSION}", tokenizer.to_str(), str(max_seq_length),
@@ -140,8 +145,12 @@ def write_blocks(text: SplitText, path: Path, tokenizer, max_seq_length: int, *,
     hasher = hashlib.sha256()
     carry = np.zeros(0, dtype=np.int32)  # tokens of the piece that the next chunk completes
     num_blocks = 0
+    bar = show_progress and interactive()  # else, in a log, a line at the start and the end
+    if show_progress and not bar:
+        say(f"{desc}: {text.name}, {size / 1e6:.1f} MB")
+    started = time.perf_counter()
     with open(path, "wb") as file, tqdm(total=size, desc=desc, unit="B", unit_scale=True,
-                                        disable=not show_progress) as progress:
+                                        disable=not bar) as progress:
         file.write(npy_header((0, max_seq_length)))  # rewritten below with the real count
         for lines, num_bytes in text.line_chunks(hasher):
             tokens = tokenize_lines(clean_lines(lines, join_wikitext_artifacts), tokenizer)
@@ -163,6 +172,9 @@ def write_blocks(text: SplitText, path: Path, tokenizer, max_seq_length: int, *,
                                 f"[SEP])")
         file.seek(0)
         file.write(npy_header((num_blocks, max_seq_length)))
+    if show_progress and not bar:
+        say(f"{desc}: {num_blocks:,} blocks of {max_seq_length} tokens in "
+            f"{time.perf_counter() - started:.1f} s")
     return num_blocks
 
 

@@ -16,6 +16,7 @@ ours, so rank-0-only output (`print0`) needs no argument threaded through the co
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Mapping
@@ -102,9 +103,12 @@ def is_main() -> bool:
 
 
 def print0(*values: Any) -> None:
-    """print() on rank 0 only. Goes through tqdm so that it does not break a progress bar."""
+    """print() on rank 0 only. Goes through tqdm so that it does not break a progress bar, and
+    is flushed at once: a log file gets it now, in order with what went to stderr."""
     if is_main():
         tqdm.write(" ".join(str(v) for v in values))
+        if sys.stdout is not None:
+            sys.stdout.flush()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,8 @@ from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, run_main
 from .masking import make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, check_device, check_precision, resolve_device, resolve_precision
+from .precision import (autocast, check_device, check_precision, precision_warning, resolve_device,
+                        resolve_precision)
 from .tokenizer import load_tokenizer
 
 EVAL_EPOCH = 0  # evaluation masks always use this epoch (with the eval seed): fixed masks
@@ -145,7 +146,7 @@ class EvaluateArgs:
     mlm_probability: float = 0.15  # fraction of each block's tokens masked
     max_blocks: int | None = None  # the first N blocks only (train.py's eval_max_blocks)
     whole_word_mask: bool = False  # mask whole words (train.py's setting)
-    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: bf16 where supported
+    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: native bf16, else fp16 (GPU), fp32 (CPU)
     device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
     cache_dir: str = "~/.cache/minibert"  # where tokenized blocks are cached (as train.py)
     json: bool = False  # one JSON object instead of the plain listing
@@ -168,6 +169,8 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     Joins the process group when `launch` has several processes (the caller leaves it)."""
     device = distributed.init(launch, resolve_device(args.device))
     precision = resolve_precision(args.precision, device)
+    if (warning := precision_warning(precision, device)) and is_main():
+        print(warning, file=sys.stderr)
 
     # A checkpoint without a masked-LM head is refused: a random head's perplexity measures
     # nothing, and would differ between the processes of one evaluation.
@@ -232,7 +235,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateArgs:
             ("eval_seed", int, "seeds the fixed masks (train.py's eval_seed)"),
             ("mlm_probability", float, "fraction of each block's tokens that are masked"),
             ("max_blocks", int, "evaluate the first N blocks only (train.py's eval_max_blocks)"),
-            ("precision", str, "auto, fp32, fp16 or bf16; auto: bf16 where supported"),
+            ("precision", str, "auto, fp32, fp16 or bf16; auto: bf16 where the hardware "
+                               "computes it natively, else fp16 on a GPU, fp32 on a CPU"),
             ("device", str, "auto, cpu or cuda; auto: cuda when a GPU is visible"),
             ("cache_dir", str, "where tokenized blocks are cached (shared with train.py)")):
         parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name),

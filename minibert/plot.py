@@ -4,6 +4,8 @@
     python -m minibert.plot runs/a runs/b -o compare.png           # several runs on one figure
     python -m minibert.plot runs/a runs/b --x tokens -o compare.png  # against tokens seen
 
+(Installed with pip, `minibert-plot` is the same command.)
+
 Runs with different global batches take different amounts of data per optimizer step, so
 against steps the larger batch looks faster than it is: `--x tokens` puts every run on the
 tokens it has trained on (steps x global batch x max_seq_length, all processes together).
@@ -17,7 +19,6 @@ works on machines without a display and changes nothing for other matplotlib use
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from .cli import ArgumentParser
@@ -84,7 +85,7 @@ def plot_runs(run_dirs: list[str | Path], out_file: str | Path, x: str = "steps"
     return out_file
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="OUT_DIR", help="training output folders")
     parser.add_argument("-o", "--output", type=Path,
@@ -93,11 +94,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--x", choices=tuple(X_AXES), default="steps",
                         help="horizontal axis: optimizer steps, or tokens seen, which compares "
                              "runs of different global batches fairly (default steps)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> None:
+    """Draw the runs of parsed `args` and say where the figure went."""
     output = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1
                              else Path("loss-comparison.png"))
     print(f"wrote {plot_runs(args.run_dirs, output, x=args.x)}")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m minibert.plot` and the minibert-plot command."""
+    run_main(lambda: run(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    main()

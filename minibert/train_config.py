@@ -71,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
 
     # numerics and regularisation
-    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: bf16 where supported, else fp16
+    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: native bf16, else fp16 (GPU), fp32 (CPU)
     device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
     dropout: float | None = None  # override hidden and attention dropout (None: the model's)
     compile: bool = False  # torch.compile the training model: faster GPU steps after compiling

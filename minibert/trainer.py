@@ -45,7 +45,7 @@ from .masking import make_masker
 from .model import BertForMaskedLM
 from .optimizer import Trainee, make_optimizer, optimizer_step
 from .plot import plot_runs
-from .precision import precision_warning, resolve_device, resolve_precision
+from .precision import compile_note, precision_warning, resolve_device, resolve_precision
 from .resume import finish_new_lines, nothing_to_do, plan_new_line, restore, start_new_line
 from .safe_write import recover_and_tidy, remove_folder
 from .stopping import StopRequest, divergence
@@ -200,7 +200,10 @@ def build(config: TrainConfig, run: Run) -> Trainee:
         # Compiled after the DDP wrap, so that the compiler sees DDP's gradient buckets (it
         # splits the graph at them, to overlap the all-reduce with the backward). With the
         # fixed-shape head (optimizer_step passes max_targets) the training forward is one
-        # graph without a break. Evaluation and saving keep using the plain module.
+        # graph without a break. Evaluation and saving keep using the plain module. The
+        # compiler runs at the first step, which falls back to eager if it fails.
+        if note := compile_note(run.device):
+            print0(note)
         ddp_model = torch.compile(ddp_model)
 
     optimizer, scheduler = make_optimizer(model, config, warmup_steps=run.warmup_steps,
@@ -217,7 +220,7 @@ def build(config: TrainConfig, run: Run) -> Trainee:
     if run.resume_from is not None:
         start_step = restore(run, optimizer, scheduler, scaler)
     return Trainee(model, ddp_model, optimizer, scheduler, scaler, start_step, run.precision,
-                   run.launch.world_size, config.max_grad_norm)
+                   run.launch.world_size, config.max_grad_norm, compile_pending=config.compile)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """What training reports as it goes: a log line every log_every steps (one line of
 metrics.jsonl: the loss over the steps since the previous line, learning rate, gradient norm,
-throughput, MFU) and the progress bar.
+throughput, MFU) and the progress bar, which in a log (output not a terminal) is a plain line
+per log step instead: `step 40/80: train loss 4.9876, lr 5.69e-04, 12,700 tokens/s`
+(minibert/progress.py says why).
 
     log = TrainingLog(device, precision, scaler, start_step=0, total_steps=1000,
                       tokens_per_step=256 * 512, world_size=2, flops_per_token=...)
@@ -33,12 +35,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from .distributed import all_reduce_sum, is_main
+from .distributed import all_reduce_sum, is_main, print0
 from .flops import mfu, peak_tflops as known_peak_tflops
+from .progress import interactive
 
 
 class TrainingLog:
-    """The steps since the last log line, the record they become, and the progress bar."""
+    """The steps since the last log line, the record they become, and the progress bar (or,
+    in a log, the line that stands for it)."""
 
     def __init__(self, device: torch.device, precision: str, scaler: torch.amp.GradScaler, *,
                  start_step: int, total_steps: int, tokens_per_step: int, world_size: int,
@@ -57,8 +61,12 @@ class TrainingLog:
         self.grad_norms = torch.zeros((), dtype=torch.float64, device=device)
         self.steps, self.seconds = 0, 0.0
         self._step_end = 0.0  # when the last step added ended
+        self.total_steps = total_steps
+        # Rank 0 reports: a bar on a terminal; in a file or a pipe a whole line per log step,
+        # so that the evaluation lines printed between them stay lines of their own.
+        self.plain_lines = is_main() and not interactive()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
-                        disable=not is_main(), dynamic_ncols=True)
+                        disable=not is_main() or self.plain_lines, dynamic_ncols=True)
 
     def add(self, step_nll: torch.Tensor, global_count: torch.Tensor, started: float,
             grad_norm: torch.Tensor) -> None:
@@ -89,6 +97,9 @@ class TrainingLog:
         if self.scaler.is_enabled():
             record["loss_scale"] = self.scaler.get_scale()
         self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+        if self.plain_lines:
+            print0(f"step {step}/{self.total_steps}: train loss {train_loss:.4f}, lr {lr:.2e}, "
+                   f"{tokens_per_s:,.0f} tokens/s")
         self.nll.zero_()
         self.count.zero_()
         self.grad_norms.zero_()

@@ -2,7 +2,9 @@
 one spelling in --help, "did you mean" in the spelling typed, the name the command was
 called by in its usage line."""
 
+import configparser
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +52,9 @@ def test_evaluate_and_score_accept_both_spellings():
 
 def test_plot_parses_with_the_shared_parser(tmp_path):
     with pytest.raises(MinibertError, match="no metrics.jsonl"):  # parsed, then the run is read
-        plot.main([str(tmp_path), "--output", str(tmp_path / "a.png")])
+        plot.run(plot.parse_args([str(tmp_path), "--output", str(tmp_path / "a.png")]))
     with pytest.raises(MinibertError, match=r"unknown option --outptu \(did you mean --output\?\)"):
-        plot.main([str(tmp_path), "--outptu", "a.png"])
+        plot.parse_args([str(tmp_path), "--outptu", "a.png"])
 
 
 @pytest.mark.parametrize("parse, typed, hint", [
@@ -130,3 +132,44 @@ def test_scripts_accept_the_other_spelling_end_to_end(tmp_path):
     assert result.returncode == 1
     assert result.stderr == ("error: command line: unknown setting --batch-sise "
                              "(did you mean --batch-size?)\n")
+
+
+# Every command, by the name pip installs it under, and the function that name runs.
+CONSOLE_SCRIPTS = {"minibert-train": "minibert.train_cli:main",
+                   "minibert-convert": "minibert.convert_cli:main",
+                   "minibert-fill-mask": "minibert.fill_mask:main",
+                   "minibert-evaluate": "minibert.evaluate:main",
+                   "minibert-score": "minibert.score:main",
+                   "minibert-plot": "minibert.plot:main"}
+
+
+def test_setup_installs_a_console_script_for_every_command():
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg", encoding="utf-8")
+    declared = dict(line.split(" = ") for line in
+                    setup["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert declared == CONSOLE_SCRIPTS
+
+
+@pytest.mark.parametrize("name", sorted(CONSOLE_SCRIPTS))
+def test_every_console_script_shows_its_help(name, monkeypatch, capsys):
+    """The script pip wrote, run in this process (one interpreter for all six, not six
+    imports of torch): it finds its function, and the usage line names the command."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        pytest.skip(f"{script} is not installed (pip install -e . creates it)")
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as status:
+        runpy.run_path(str(script), run_name="__main__")
+    assert status.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {name} ")
+
+
+@pytest.mark.parametrize("module", ["minibert.train_cli", "minibert.convert_cli", "minibert.plot"])
+def test_python_m_usage_lines(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["-m", "--help"])  # run_module puts the file's path first
+    monkeypatch.delitem(sys.modules, module, raising=False)  # run afresh, as `python -m` does
+    with pytest.raises(SystemExit) as status:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert status.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")

@@ -172,12 +172,26 @@ def test_tokenizes_a_chunk_at_a_time_and_writes_blocks_as_they_come(tokenizer, t
     assert sum(count > 0 for count in written) >= len(written) - 1
 
 
-def test_progress_shows_megabytes_per_second_and_time_left(tokenizer, tmp_path, capsys):
+def test_progress_shows_megabytes_per_second_and_time_left(tokenizer, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.setattr(data, "interactive", lambda: True)  # as on a terminal: the bar
     load_blocks(WIKIPEDIA_SAMPLE, "valid", tokenizer, 128, tmp_path, show_progress=True)
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     final = [line for line in bar if line.startswith("tokenizing validation: 100%")][-1]
     # tqdm's "351k/351k [00:01<00:00, 297kB/s]": done/total bytes, elapsed<left, rate
     assert re.search(r" 351k/351k \[[\d:]+<[\d:]+, [\d.]+[kMG]?B/s\]$", final), final
+
+
+def test_a_log_gets_a_line_when_the_build_starts_and_one_when_it_ends(tokenizer, tmp_path,
+                                                                       capsys):
+    # capsys's streams are not terminals: no bar, whose \r redraws would clutter a log file.
+    load_blocks(WIKIPEDIA_SAMPLE, "valid", tokenizer, 128, tmp_path, show_progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "\r" not in err
+    assert re.fullmatch(r"tokenizing validation: \S+wikipedia-sample\S*, 0\.4 MB\n"
+                        r"tokenizing validation: 571 blocks of 128 tokens in [\d.]+ s\n", err), err
+    load_blocks(WIKIPEDIA_SAMPLE, "valid", tokenizer, 128, tmp_path, show_progress=True)
+    assert capsys.readouterr() == ("", "")  # read from the cache: nothing to report
 
 
 def test_cache_file_name_says_its_format(tokenizer, tmp_path):

@@ -12,6 +12,7 @@ COMMANDS = {
     "benchmarks/train_step.py": ["benchmarks/train_step.py", "--help"],
     "benchmarks/fill_mask.py": ["benchmarks/fill_mask.py", "--help"],
     "benchmarks/data.py": ["benchmarks/data.py", "--help"],
+    "benchmarks/precision.py": ["benchmarks/precision.py", "--help"],
 }
 
 

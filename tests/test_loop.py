@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minibert import MinibertError
+from minibert.checkpoint import read_checkpoint
 from minibert.distributed import CountAndVote, Launch, init
 from minibert.train_state import step_checkpoints
 from minibert.trainer import train
@@ -123,6 +124,40 @@ def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
     one = make_config("eager-one-process", batch_size=2, max_steps=3, eval_every=3)
     train(one, environ={})
     assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-4)
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_the_same_results(make_config, monkeypatch,
+                                                                       capsys, fresh_compiler):
+    # As on a GPU whose Triton cannot compile the step: a backend that raises. torch.compile
+    # only raises at the first call, inside the first optimizer step; the run must say so in
+    # one line and go on exactly as an uncompiled run (dropout on: the RNG must be untouched).
+    calls = []
+
+    def broken_backend(graph, example_inputs):
+        calls.append(graph)
+        raise RuntimeError("no code for this device\nmore detail")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: real_compile(model, backend=broken_backend, **kw))
+    settings = dict(max_steps=3, eval_every=3, dropout=0.1, save_every=0)
+    failing = make_config("compile-fails", compile=True, **settings)
+    summary = train(failing, environ={})
+    out = capsys.readouterr().out
+    eager = make_config("eager", compile=False, **settings)
+    train(eager, environ={})
+
+    assert summary["step"] == 3 and len(calls) == 1  # compiled once, then never again
+    warnings = [line for line in out.splitlines() if line.startswith(("warning", "note"))]
+    assert warnings == ["warning: compiling the training step failed on the CPU "
+                        "(BackendCompilerFailed -> RuntimeError: no code for this device); "
+                        "continuing without compile"], out[-2000:]
+    # The same eager arithmetic on the same batches and RNG stream: equal to the last bit.
+    a, b = read_metrics(failing.out_dir), read_metrics(eager.out_dir)
+    for key in ("train_loss", "grad_norm", "eval_loss"):
+        assert by_step(a, key) == by_step(b, key) != {}, key
+    final = [read_checkpoint(c.out_dir + "/final")[0].state_dict() for c in (failing, eager)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
 
 
 # ---------------------------------------------------------------------------------------------

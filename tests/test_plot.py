@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 
 from conftest import ASSETS, BERT_TINY
 from minibert.errors import MinibertError
-from minibert.plot import main, plot_runs
+from minibert.plot import parse_args, plot_runs, run
 from minibert.train_config import TrainConfig
 from minibert.trainer import train
 
@@ -40,8 +40,8 @@ def drawn(monkeypatch):
 def test_tokens_axis_and_global_batch_in_the_legend(tmp_path, drawn):
     small = write_run(tmp_path / "batch-32", 32, 128, 40)
     large = write_run(tmp_path / "batch-64", 64, 128, 20)
-    main([str(tmp_path / "batch-32"), str(tmp_path / "batch-64"), "--x", "tokens",
-          "-o", str(tmp_path / "compare.png")])
+    run(parse_args([str(tmp_path / "batch-32"), str(tmp_path / "batch-64"), "--x", "tokens",
+                     "-o", str(tmp_path / "compare.png")]))
     assert (tmp_path / "compare.png").stat().st_size > 0
     ax = drawn[-1].axes[0]
     assert ax.get_xlabel().startswith("tokens seen")

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from minibert import BertConfig, BertForMaskedLM, MinibertError, load_tokenizer
-from minibert.checkpoint import read_checkpoint, save_pretrained
+from minibert.checkpoint import read_checkpoint, resolve, save_pretrained
 from minibert.distributed import Launch
 from minibert.masking import IGNORE_INDEX, mask_batch, special_token_ids
-from minibert.plot import main as plot_main
+from minibert import plot, splits
 from minibert.train_config import TrainConfig, parse_config, read_toml
 from minibert.train_state import load_training_state, step_checkpoints
 from minibert.batches import BatchLayout
@@ -321,7 +321,7 @@ def test_outputs_loss_falls_and_final_checkpoint_reads_back(make_config, tmp_pat
     saved, _, _ = read_checkpoint(out / "checkpoints" / "step-8" / "model")
     for (name, a), b in zip(final.state_dict().items(), saved.state_dict().values()):
         assert torch.equal(a, b), name
-    plot_main([str(out), str(out), "-o", str(tmp_path / "compare.png")])
+    plot.run(plot.parse_args([str(out), str(out), "-o", str(tmp_path / "compare.png")]))
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
@@ -387,6 +387,29 @@ def test_every_shipped_config_parses(path):
     config = parse_config(["--config", str(path)])
     assert read_toml(path)  # every key is a TrainConfig field
     assert config.max_seq_length in (128, 512)
+
+
+def test_the_online_quickstart_is_the_offline_one_with_hub_ids():
+    """configs/quickstart-online.toml names the hubs' copies of what the offline quick start
+    reads from ../shared/assets, and changes nothing else. Downloading them cannot be tested
+    here (no network reaches the hubs), so the ids are checked as far as they can be offline:
+    the model is one of Google's BERT miniatures, named L-layers_H-hidden_A-heads, of the
+    offline checkpoint's shape, and an id that the checkpoint reader fetches from the hub (a
+    machine online fetches its config.json and vocab.txt here); the data is the WikiText name
+    that minibert/splits.py reads from the hub."""
+    offline = parse_config(["--config", str(REPO / "configs" / "quickstart-cpu.toml")])
+    online = parse_config(["--config", str(REPO / "configs" / "quickstart-online.toml")])
+    assert replace(online, model=offline.model, data=offline.data) == offline
+    assert online.data == "wikitext-2-raw-v1" and online.data in splits.WIKITEXT_NAMES
+    assert online.model.startswith("google/bert_uncased_"), online.model
+    shape = dict(part.split("-") for part in online.model.split("_", 2)[2].split("_"))  # L-2...
+    try:  # the checkpoint reader takes it to the hub: offline, it says it could not fetch it
+        resolve(online.model, weights=False)
+    except MinibertError as error:
+        assert "the hub id could not be fetched" in str(error), error
+    tiny = json.loads((REPO / offline.model / "config.json").read_text(encoding="utf-8"))
+    assert {name: int(value) for name, value in shape.items()} == {
+        "L": tiny["num_hidden_layers"], "H": tiny["hidden_size"], "A": tiny["num_attention_heads"]}
 
 
 def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
