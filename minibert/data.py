@@ -52,7 +52,7 @@ from .progress import interactive, say
 from .safe_write import atomic_file
 from .splits import (SplitText, available_splits, check_splits,  # noqa: F401 (re-exported)
                      normalize_split, read_split)
-from .tokenizer import spelled_special_ids
+from .tokenizer import special_ids, spelled_special_ids
 from .write_errors import make_folder
 
 FORMAT_VERSION = 2  # bump when the blocks or their key change (2: content hashed as a stream)
@@ -183,6 +183,8 @@ def tokenize_lines(lines: list[str], tokenizer) -> np.ndarray:
 
     Lines end at whitespace, so tokenizing them one by one gives the same word pieces as
     tokenizing the whole text at once, and encode_batch can spread the lines over all cores.
+    (Byte-level BPE, where a space belongs to the next word, starts each line without one,
+    as RoBERTa's own preprocessing encodes line by line.)
     (encode_batch_fast: the same ids, without the character offsets nobody reads here.)
     """
     encodings = tokenizer.encode_batch_fast(lines, add_special_tokens=False) if lines else []
@@ -193,13 +195,11 @@ def tokenize_lines(lines: list[str], tokenizer) -> np.ndarray:
 
 
 def block_special_ids(tokenizer) -> tuple[int, int, int]:
-    """(start, end, unknown): the ids of [CLS] and [SEP], which open and close every block, and
-    of [UNK], which stands for text that spells a special token."""
-    ids = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[UNK]")]
-    missing = [t for t, i in zip(("[CLS]", "[SEP]", "[UNK]"), ids) if i is None]
-    if missing:
-        raise MinibertError(f"the tokenizer has no {missing[0]} token, needed to frame blocks")
-    return ids[0], ids[1], ids[2]
+    """(start, end, unknown): the ids of the family's [CLS] and [SEP] (RoBERTa's <s> and </s>),
+    which open and close every block, and of [UNK] (<unk>), which stands for text that spells a
+    special token."""
+    ids = special_ids(tokenizer)  # MinibertError if the tokenizer lacks one
+    return ids.start, ids.end, ids.unk
 
 
 def frame_blocks(pieces: np.ndarray, start_id: int, end_id: int) -> np.ndarray:

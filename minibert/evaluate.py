@@ -125,11 +125,14 @@ def check_settings(*, max_seq_length: int, eval_seed: int, mlm_probability: floa
 
 
 def check_block_length(max_seq_length: int, model: BertForMaskedLM) -> None:
-    """Blocks of max_seq_length tokens fit the model's position embeddings."""
-    positions = model.config.max_position_embeddings
-    if max_seq_length > positions:
+    """Blocks of max_seq_length tokens fit the model's position embeddings (RoBERTa's hold
+    pad_token_id + 1 fewer tokens than positions: BertConfig.max_sequence_length)."""
+    config = model.config
+    if max_seq_length > config.max_sequence_length:
+        offset = ("" if config.max_sequence_length == config.max_position_embeddings else
+                  f": {config.max_sequence_length} tokens, counted from pad_token_id + 1")
         raise MinibertError(f"max_seq_length {max_seq_length} exceeds the model's "
-                            f"max_position_embeddings ({positions})")
+                            f"max_position_embeddings ({config.max_position_embeddings}{offset})")
 
 
 @dataclass

@@ -150,6 +150,8 @@ def _check_model_config(overrides: dict) -> None:
                 hint = f" ({key} is a training setting: put it above the [model_config] table)"
             raise MinibertError(f"config: model_config: unknown BertConfig field {key}{hint}")
         kind = hints[key]
+        if isinstance(kind, types.UnionType):  # embedding_size: int | None; TOML has no None
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
