@@ -16,6 +16,7 @@ import argparse
 import difflib
 import inspect
 import io
+import math
 import re
 import tokenize
 import types
@@ -92,6 +93,10 @@ class TrainConfig:
     peak_tflops: float | None = None  # per-device peak for MFU (None: looked up for known GPUs)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # inf and nan pass a range check such as lr > 0, or fail it oddly
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f.name,
+                   f"must be a finite number, got {value}")
         try:  # the settings an evaluation shares with the evaluate command: its rules
             check_settings(max_seq_length=self.max_seq_length, eval_seed=self.eval_seed,
                            mlm_probability=self.mlm_probability, precision=self.precision,
