@@ -89,7 +89,7 @@ class TrainConfig:
     save_every: int = 500  # write checkpoints/step-N every this many steps (0: only at the end)
     keep_last: int = 2  # keep only the newest N step checkpoints (0: keep all)
     resume: str | None = None  # "latest" (newest in out_dir/checkpoints) or a step-N folder
-    overwrite: bool = False  # start afresh in an out_dir that holds checkpoints (deletes them)
+    overwrite: bool = False  # start afresh in an out_dir with checkpoints (deletes those only)
     peak_tflops: float | None = None  # per-device peak for MFU (None: looked up for known GPUs)
 
     def __post_init__(self) -> None:

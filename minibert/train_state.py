@@ -192,6 +192,18 @@ def step_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def not_only_step_checkpoints(out_dir: str | Path) -> str | None:
+    """What out_dir/checkpoints holds besides step-N resume checkpoints ("notes.txt",
+    "step-2/notes.txt"), or None: what --overwrite may delete, as it deletes the folder."""
+    root = Path(out_dir) / "checkpoints"
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (_STEP_DIR.fullmatch(entry.name) and entry.is_dir()):
+            return f"{entry.name}/" if entry.is_dir() else entry.name
+        if (problem := not_a_resume_checkpoint(entry)) is not None:
+            return f"{entry.name}/{problem}"
+    return None
+
+
 def checkpoint_step(folder: str | Path) -> int:
     """The step a resume checkpoint was saved at, read without loading its tensors."""
     file = Path(folder) / STATE_FILE

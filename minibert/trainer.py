@@ -35,7 +35,7 @@ import torch
 
 from . import distributed
 from .batches import BatchLayout, Prefetcher
-from .checkpoint import random_init, read_checkpoint, save_pretrained
+from .checkpoint import not_a_checkpoint, random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
 from .distributed import CountAndVote, is_main, print0
 from .errors import MinibertError
@@ -53,8 +53,8 @@ from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .training_log import TrainingLog
 from .train_state import (DataPosition, MetricsFile, checkpoint_step, newest_checkpoint, prune,
-                          resolve_resume, rng_state, save_training_state, step_checkpoints,
-                          tensor_bytes)
+                          not_only_step_checkpoints, resolve_resume, rng_state,
+                          save_training_state, step_checkpoints, tensor_bytes)
 from .write_errors import DiskFullError, check_writable, make_folder
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +166,21 @@ def starting_point(config: TrainConfig, out_dir: Path) -> Path | None:
                    f"while moving it)")
     distributed.barrier()
     resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
-    if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
-        raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to "
-                            f"continue it, --overwrite to start afresh, or another --out_dir")
+    if resume_from is None and step_checkpoints(out_dir):
+        if not config.overwrite:
+            raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume "
+                                f"to continue it, --overwrite to start afresh, or another "
+                                f"--out_dir")
+        if (problem := not_only_step_checkpoints(out_dir)) is not None:
+            raise MinibertError(f"{out_dir / 'checkpoints'}: --overwrite deletes an earlier "
+                                f"run's step-N checkpoints and nothing else, and this folder "
+                                f"holds {problem}; move it or choose another --out_dir")
+    final = out_dir / "final"  # replaced when the run ends: refuse now, not after training
+    if final.exists() and (problem := "is a file" if not final.is_dir()
+                           else not_a_checkpoint(final)) is not None:
+        raise MinibertError(f"{final}: the run writes its model there when it ends, and this is "
+                            f"not a checkpoint folder ({problem}); move it or choose another "
+                            f"--out_dir")
     return resume_from
 
 

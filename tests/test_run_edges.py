@@ -168,6 +168,42 @@ def test_resuming_a_finished_run_has_nothing_to_do(make_config, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# --overwrite deletes an earlier run's checkpoints, and nothing else
+
+
+def test_overwrite_refuses_a_checkpoints_folder_that_holds_anything_else(make_config):
+    config = make_config("again", max_steps=1, eval_every=0, save_every=0)
+    train(config, environ={})
+    out = Path(config.out_dir)
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    with pytest.raises(MinibertError) as error:
+        train(replace(config, overwrite=True), environ={})
+    assert "notes.txt" in one_line(error) and "--overwrite" in one_line(error)
+    assert (out / "checkpoints" / "notes.txt").read_text() == "mine"  # nothing deleted
+    assert [p.name for p in step_checkpoints(out)] == ["step-1"]
+
+    (out / "checkpoints" / "notes.txt").unlink()
+    summary = train(replace(config, overwrite=True, max_steps=2), environ={})
+    assert summary["start_step"] == 0 and [p.name for p in step_checkpoints(out)] == ["step-2"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_final_folder_that_is_not_a_checkpoint_is_refused_before_the_first_step(
+        make_config, overwrite):
+    """final/ is replaced when the run ends: a final/ holding anything but a checkpoint stops
+    the run before it trains, not after."""
+    config = make_config("final", max_steps=1, eval_every=0, overwrite=overwrite)
+    final = Path(config.out_dir) / "final"
+    final.mkdir(parents=True)
+    (final / "notes.txt").write_text("mine")
+    with pytest.raises(MinibertError) as error:
+        train(config, environ={})
+    assert "final" in one_line(error) and "notes.txt" in one_line(error)
+    assert sorted(p.name for p in Path(config.out_dir).iterdir()) == ["final"]  # no step ran
+    assert (final / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
 # A loss that blows up
 
 
