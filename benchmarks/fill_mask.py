@@ -72,7 +72,10 @@ def load_pair(folder: Path, seed: int):
     # The seed draws the head that read_checkpoint adds to a BertModel checkpoint.
     minibert, _, _ = read_checkpoint(folder, seed=seed)
     hf = transformers.BertForMaskedLM(transformers.BertConfig(**config_to_hf(minibert.config)))
-    missing, unexpected = hf.load_state_dict(minibert_to_hf(minibert.state_dict()), strict=False)
+    # A checkpoint's pooler is kept (minibert/convert.py says why); BertForMaskedLM has none.
+    state = {name: tensor for name, tensor in minibert_to_hf(minibert.state_dict()).items()
+             if not name.startswith("bert.pooler.")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     # The decoder is tied to the word embeddings (weight) and to cls.predictions.bias.
     if unexpected or set(missing) - {"cls.predictions.decoder.weight",
                                      "cls.predictions.decoder.bias"}:

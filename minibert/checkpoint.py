@@ -1,13 +1,15 @@
 """Checkpoint folders on disk: minibert's own format, HuggingFace's, and hub ids.
 
 A minibert checkpoint folder holds
-    config.json            {"model_type": "minibert", <BertConfig fields>}
+    config.json            {"model_type": "minibert", <BertConfig fields, "family" among them>}
     model.safetensors      minibert's state dict (the tied decoder matrix stored once)
-    vocab.txt              the WordPiece vocabulary, when the source had one
-    tokenizer_config.json  {"do_lower_case": ...}
-A HuggingFace folder holds config.json (model_type "bert") and model.safetensors or
-pytorch_model.bin. Every folder is written through minibert/safe_write.py (a temporary beside
-it, fsynced, renamed into place), so a crash never leaves a half-written checkpoint behind.
+    vocab.txt              the WordPiece vocabulary, when the source had one (RoBERTa's
+                           byte-level BPE: vocab.json and merges.txt instead)
+    tokenizer_config.json  {"do_lower_case": ...}: the settings minibert/tokenizer.py reads
+A HuggingFace folder holds config.json (model_type "bert", "roberta", "distilbert" or
+"electra") and model.safetensors or pytorch_model.bin. Every folder is written through
+minibert/safe_write.py (a temporary beside it, fsynced, renamed into place), so a crash never
+leaves a half-written checkpoint behind.
 
 What --overwrite (overwrite=True) replaces: a checkpoint folder, and nothing else. A checkpoint
 folder, for this purpose, holds config.json and a weight file (WEIGHT_FILES) and besides them
@@ -35,17 +37,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from .convert import config_from_hf, config_to_hf, hf_to_minibert, minibert_to_hf
+from .convert import (check_family, config_from_hf, config_to_hf, hf_to_minibert,
+                      minibert_to_hf)
 from .errors import MinibertError
 from .model import BertConfig, BertForMaskedLM
 from .safe_write import atomic_folder, readable
-from .tokenizer import is_lower_case, load_tokenizer, read_vocab
+from .tokenizer import (BYTE_LEVEL_BPE, is_lower_case, load_tokenizer, read_vocab,
+                        tokenizer_family, tokenizer_settings, vocab_file)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json")
 # What a checkpoint folder may hold, and so what --overwrite may delete (the module docstring).
-CHECKPOINT_FILES = frozenset({"config.json", *WEIGHT_FILES, "vocab.txt", "tokenizer_config.json",
-                              "vocab.json", "merges.txt", "tokenizer.json",
+CHECKPOINT_FILES = frozenset({"config.json", *WEIGHT_FILES, *TOKENIZER_FILES, "tokenizer.json",
                               "special_tokens_map.json", "added_tokens.json"})
+# roberta-base's shape (its config.json), for init = "random" from a BPE vocabulary alone.
+ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514,
+                "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -64,7 +71,7 @@ def resolve(source: str | Path, weights: bool = True) -> Path:
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(
-            str(source), allow_patterns=["config.json", "vocab.txt", "tokenizer_config.json",
+            str(source), allow_patterns=["config.json", *TOKENIZER_FILES,
                                          *(WEIGHT_FILES if weights else ())]))
     except Exception as error:  # offline, unknown id, no huggingface_hub: all end the same way
         raise MinibertError(
@@ -156,23 +163,23 @@ def read_checkpoint(source: str | Path, *, seed: int = 0, require_head: bool = F
     if raw_config.get("model_type") == "minibert":
         state = weights
     else:
-        state, conversion_notices = hf_to_minibert(weights)
+        state, conversion_notices = hf_to_minibert(weights, config.family)
         notices += conversion_notices
     # A pooler is kept when the checkpoint has one (minibert/convert.py says why).
     model = init_model(config, seed, add_pooling_layer=any(k.startswith("bert.pooler.")
                                                            for k in state))
     if not any(k.startswith("mlm_head.") for k in state):
         if require_head:
-            raise MinibertError(f"{folder}: a BertModel checkpoint, which has no masked-LM "
-                                f"head; fine-tune it first (python train.py --model {folder} "
-                                f"...), which trains a head")
-        # A BertModel checkpoint: keep the freshly initialised head so the model still runs.
+            raise MinibertError(f"{folder}: an encoder that has no masked-LM head (BertModel, "
+                                f"ELECTRA's discriminator); fine-tune it first (python "
+                                f"train.py --model {folder} ...), which trains a head")
+        # An encoder alone: keep the freshly initialised head so the model still runs.
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head.")})
         notices.append("the checkpoint has no masked-LM head: a freshly initialised one was "
                        "added, so predictions are meaningless until it is trained")
     _check_shapes(state, model, folder)
-    if (folder / "vocab.txt").is_file():
-        check_vocabulary(config, load_tokenizer(folder), folder / "vocab.txt")
+    if (file := vocab_file(folder)) is not None:
+        check_vocabulary(config, load_tokenizer(folder), file)
     model.load_state_dict(state)
     return model.eval(), folder, notices
 
@@ -181,13 +188,22 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
                 ) -> tuple[BertForMaskedLM, Path, list[str]]:
     """A model to pretrain from scratch: the shape from the config.json of `source` with
     `overrides` (BertConfig fields) applied, weights from `init_model(config, seed)`. Only
-    config.json and vocab.txt are read: a folder without weights is fine, and a folder with
-    vocab.txt alone starts from BertConfig's defaults (bert-base's shape).
+    config.json and the vocabulary are read: a folder without weights is fine, and a folder
+    with a vocabulary alone starts from bert-base's shape (BertConfig's defaults), or
+    roberta-base's for a byte-level BPE vocabulary (vocab.json).
     Returns (model in eval mode, the folder read, notices worth telling the user)."""
     folder = resolve(source, weights=False)
     notices = swap_notice(source, folder)
+    file = vocab_file(folder)
+    if file is None:
+        raise MinibertError(f"{folder}: no vocab.txt or vocab.json (init random reads the "
+                            f"vocabulary there)")
     if (folder / "config.json").is_file():
         config, _ = _read_config(folder)
+    elif file.name == "vocab.json":
+        config = config_from_hf(ROBERTA_BASE)
+        notices.append(f"{folder} has no config.json: the model is roberta-base's shape "
+                       f"with model_config applied")
     else:
         config = BertConfig()
         notices.append(f"{folder} has no config.json: the model is bert-base's shape "
@@ -196,9 +212,8 @@ def random_init(source: str | Path, *, seed: int, overrides: dict | None = None,
         config = replace(config, **(overrides or {}))
     except (ValueError, TypeError) as error:
         raise MinibertError(f"model_config: {error}") from None
-    if not (folder / "vocab.txt").is_file():
-        raise MinibertError(f"{folder}: no vocab.txt (init random reads the vocabulary there)")
-    check_vocabulary(config, load_tokenizer(folder), folder / "vocab.txt")
+    check_family(config)  # a [model_config] that its family's HuggingFace class cannot be
+    check_vocabulary(config, load_tokenizer(folder), file)
     return init_model(config, seed), folder, notices
 
 
@@ -213,7 +228,7 @@ def check_vocabulary(config: BertConfig, tokenizer: Tokenizer, vocabulary: Path)
     if tokens != config.vocab_size:
         raise MinibertError(f"vocab_size {config.vocab_size} does not match {vocabulary} "
                             f"({tokens} tokens): the word embedding has a row per token")
-    pad_token = "[PAD]"
+    pad_token = tokenizer_family(tokenizer).pad  # [PAD], or RoBERTa's <pad>
     pad_id = tokenizer.token_to_id(pad_token)
     if pad_id != config.pad_token_id:
         raise MinibertError(f"pad_token_id {config.pad_token_id} does not match {vocabulary}, "
@@ -227,12 +242,24 @@ def load_pretrained(path: str | Path) -> BertForMaskedLM:
 
 
 def _tokenizer_files(source: Path | None, tmp: Path) -> None:
-    """Copy vocab.txt beside the weights and record whether the vocabulary is lower-cased."""
-    if source is None or not (source / "vocab.txt").is_file():
+    """Copy the vocabulary beside the weights, with the tokenizer settings it is read with:
+    vocab.txt and whether it is lower-cased (and its accents, Chinese characters), or
+    vocab.json and merges.txt and RoBERTa's <mask>, which takes the space before it."""
+    file = None if source is None else vocab_file(source)
+    if file is None:
         return
-    shutil.copyfile(source / "vocab.txt", tmp / "vocab.txt")
-    lower_case = is_lower_case(source, read_vocab(source / "vocab.txt"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower_case}) + "\n")
+    settings = tokenizer_settings(source)
+    if file.name == "vocab.txt":
+        settings = {"do_lower_case": is_lower_case(source, read_vocab(file)), **settings}
+    else:  # transformers reads these to build the same tokenizer (and needs them to)
+        settings = {"tokenizer_class": "RobertaTokenizer", "add_prefix_space": False, **settings,
+                    "mask_token": {"__type": "AddedToken", "content": BYTE_LEVEL_BPE.mask,
+                                   "lstrip": True, "rstrip": False, "normalized": False,
+                                   "single_word": False, "special": True}}
+    for name in ("vocab.txt",) if file.name == "vocab.txt" else ("vocab.json", "merges.txt"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, tmp / name)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(settings) + "\n")
 
 
 def not_a_checkpoint(folder: Path) -> str | None:
@@ -302,12 +329,13 @@ def save_pretrained(model: BertForMaskedLM, dst: str | Path, tokenizer_source: P
 
 def save_huggingface(model: BertForMaskedLM, dst: str | Path, tokenizer_source: Path | None = None,
                      overwrite: bool = False) -> Path:
-    """Write `model` in HuggingFace's BertForMaskedLM layout (what transformers loads). With
-    overwrite, an existing dst is replaced only if it is a checkpoint (check_overwrite)."""
+    """Write `model` in the HuggingFace layout of its family's masked-LM class
+    (BertForMaskedLM, RobertaForMaskedLM, ...: what transformers loads). With overwrite, an
+    existing dst is replaced only if it is a checkpoint (check_overwrite)."""
     with atomic_folder(check_overwrite(dst, tokenizer_source) if overwrite else dst,
                        overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-        save_file(_contiguous_copies(minibert_to_hf(model.state_dict())),
+        save_file(_contiguous_copies(minibert_to_hf(model.state_dict(), model.config.family)),
                   tmp / "model.safetensors", metadata={"format": "pt"})
         _tokenizer_files(tokenizer_source, tmp)
     return Path(dst)

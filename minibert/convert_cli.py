@@ -1,11 +1,13 @@
-"""Convert HuggingFace BERT checkpoints to minibert, and minibert checkpoints back.
+"""Convert HuggingFace checkpoints of the BERT family to minibert, and minibert ones back.
 
     python convert_weights.py bert-base-uncased out/bert-base          # hub id (needs network)
     python convert_weights.py ../shared/assets/checkpoints/bert-tiny-splade-mlm out/bert-tiny
     python convert_weights.py out/bert-tiny out/bert-tiny-hf --to-hf     # back to transformers
 
-SRC may be a HuggingFace folder (BertModel, BertForMaskedLM or BertForPreTraining weights,
-in model.safetensors or pytorch_model.bin) or a minibert folder; DST is written atomically.
+SRC may be a HuggingFace folder (BERT, RoBERTa, DistilBERT or ELECTRA: the encoder alone, with
+its masked-LM head, or its pre-training class; model.safetensors or pytorch_model.bin) or a
+minibert folder; DST is written atomically. --to-hf writes the family's masked-LM class
+(BertForMaskedLM, RobertaForMaskedLM, DistilBertForMaskedLM, ElectraForMaskedLM).
 --overwrite replaces an existing DST only if it is a checkpoint folder: config.json, weights
 and tokenizer files, nothing else (minibert/checkpoint.py); anything else is refused.
 Installed with pip, `minibert-convert SRC DST [--to-hf]` is the same command.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import read_checkpoint, save_huggingface, save_pretrained
 from .cli import ArgumentParser
+from .convert import FAMILIES
 from .errors import run_main
 
 
@@ -25,7 +28,7 @@ from .errors import run_main
 class ConvertArgs:
     src: str  # checkpoint folder or hub id to read
     dst: Path  # folder to write; must not exist unless overwrite
-    to_hf: bool = False  # write HuggingFace's BertForMaskedLM layout instead of minibert's
+    to_hf: bool = False  # write the family's HuggingFace masked-LM layout, not minibert's
     overwrite: bool = False  # replace dst if it is a checkpoint folder (checkpoint.py says which)
 
 
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument("src", help="HuggingFace or minibert checkpoint folder, or a hub id")
     parser.add_argument("dst", type=Path, help="output folder (written atomically)")
     parser.add_argument("--to-hf", action="store_true",
-                        help="write HuggingFace BertForMaskedLM layout (for transformers)")
+                        help="write the HuggingFace layout of the model's family "
+                             "(BertForMaskedLM, RobertaForMaskedLM, ...) for transformers")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST if it is a checkpoint folder (config.json, weights, "
                              "tokenizer files; nothing else)")
@@ -48,7 +52,8 @@ def convert(args: ConvertArgs) -> None:
     save = save_huggingface if args.to_hf else save_pretrained
     save(model, args.dst, tokenizer_source=folder, overwrite=args.overwrite)
     params = sum(p.numel() for p in model.parameters())
-    layout = "HuggingFace BertForMaskedLM" if args.to_hf else "minibert"
+    layout = (f"HuggingFace {FAMILIES[model.config.family].masked_lm}" if args.to_hf
+              else "minibert")
     print(f"wrote {args.dst} ({layout}, {params / 1e6:.1f} M parameters, "
           f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size})")
 

@@ -52,7 +52,8 @@ from .progress import interactive, say
 from .safe_write import atomic_file
 from .splits import (SplitText, available_splits, check_splits,  # noqa: F401 (re-exported)
                      normalize_split, read_split)
-from .tokenizer import spelled_special_ids
+from .tokenizer import special_ids, spelled_special_ids
+from .write_errors import make_folder
 
 FORMAT_VERSION = 2  # bump when the blocks or their key change (2: content hashed as a stream)
 WIKITEXT_ARTIFACTS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
@@ -85,15 +86,25 @@ def load_blocks(data: str | Path | dict, split: str, tokenizer, max_seq_length: 
                               f"{key.hexdigest()[:20]}.npy")
 
     if not cache_file.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache_file) + ".lock"):
+        make_folder(cache_dir, "cache_dir")
+        lock = FileLock(str(cache_file) + ".lock")
+        try:
+            lock.acquire()
+        except OSError as error:  # a folder we may not write in
+            raise MinibertError(f"cache_dir {cache_dir}: cannot write there "
+                                f"({error.strerror or error})") from None
+        try:
             # Whoever held the lock before us may have built it while we waited.
             if not cache_file.is_file():
-                with atomic_file(cache_file) as temporary:
+                # needed: int32 ids, one per WordPiece token of about 4 characters of English,
+                # so about the size of the text (for the message of a full disk)
+                with atomic_file(cache_file, needed=size) as temporary:
                     write_blocks(text, temporary, tokenizer, max_seq_length,
                                  join_wikitext_artifacts=join_wikitext_artifacts,
                                  content=content, size=size, source=f"{text.name} ({split})",
                                  desc=f"tokenizing {split}", show_progress=show_progress)
+        finally:
+            lock.release()
     return np.load(cache_file, mmap_mode="r")
 
 
@@ -172,6 +183,8 @@ def tokenize_lines(lines: list[str], tokenizer) -> np.ndarray:
 
     Lines end at whitespace, so tokenizing them one by one gives the same word pieces as
     tokenizing the whole text at once, and encode_batch can spread the lines over all cores.
+    (Byte-level BPE, where a space belongs to the next word, starts each line without one,
+    as RoBERTa's own preprocessing encodes line by line.)
     (encode_batch_fast: the same ids, without the character offsets nobody reads here.)
     """
     encodings = tokenizer.encode_batch_fast(lines, add_special_tokens=False) if lines else []
@@ -182,13 +195,11 @@ def tokenize_lines(lines: list[str], tokenizer) -> np.ndarray:
 
 
 def block_special_ids(tokenizer) -> tuple[int, int, int]:
-    """(start, end, unknown): the ids of [CLS] and [SEP], which open and close every block, and
-    of [UNK], which stands for text that spells a special token."""
-    ids = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[UNK]")]
-    missing = [t for t, i in zip(("[CLS]", "[SEP]", "[UNK]"), ids) if i is None]
-    if missing:
-        raise MinibertError(f"the tokenizer has no {missing[0]} token, needed to frame blocks")
-    return ids[0], ids[1], ids[2]
+    """(start, end, unknown): the ids of the family's [CLS] and [SEP] (RoBERTa's <s> and </s>),
+    which open and close every block, and of [UNK] (<unk>), which stands for text that spells a
+    special token."""
+    ids = special_ids(tokenizer)  # MinibertError if the tokenizer lacks one
+    return ids.start, ids.end, ids.unk
 
 
 def frame_blocks(pieces: np.ndarray, start_id: int, end_id: int) -> np.ndarray:
@@ -214,5 +225,5 @@ def npy_header(shape: tuple[int, int]) -> bytes:
 def write_atomically(path: Path, array: np.ndarray) -> None:
     """Save `array` to `path` so that no reader ever sees a half-written file (a temporary
     beside it, fsynced, renamed over `path` in one step: minibert/safe_write.py)."""
-    with atomic_file(path) as temporary, open(temporary, "wb") as file:
+    with atomic_file(path, needed=array.nbytes) as temporary, open(temporary, "wb") as file:
         np.save(file, array)

@@ -44,7 +44,8 @@ from .distributed import all_reduce_sum, is_main, print0
 from .errors import MinibertError, run_main
 from .masking import make_masker
 from .model import BertForMaskedLM
-from .precision import autocast, check_device, check_precision, resolve_device, resolve_precision
+from .precision import (autocast, check_device, check_precision, precision_warning, resolve_device,
+                        resolve_precision)
 from .tokenizer import load_tokenizer
 
 EVAL_EPOCH = 0  # evaluation masks always use this epoch (with the eval seed): fixed masks
@@ -124,11 +125,14 @@ def check_settings(*, max_seq_length: int, eval_seed: int, mlm_probability: floa
 
 
 def check_block_length(max_seq_length: int, model: BertForMaskedLM) -> None:
-    """Blocks of max_seq_length tokens fit the model's position embeddings."""
-    positions = model.config.max_position_embeddings
-    if max_seq_length > positions:
+    """Blocks of max_seq_length tokens fit the model's position embeddings (RoBERTa's hold
+    pad_token_id + 1 fewer tokens than positions: BertConfig.max_sequence_length)."""
+    config = model.config
+    if max_seq_length > config.max_sequence_length:
+        offset = ("" if config.max_sequence_length == config.max_position_embeddings else
+                  f": {config.max_sequence_length} tokens, counted from pad_token_id + 1")
         raise MinibertError(f"max_seq_length {max_seq_length} exceeds the model's "
-                            f"max_position_embeddings ({positions})")
+                            f"max_position_embeddings ({config.max_position_embeddings}{offset})")
 
 
 @dataclass
@@ -145,7 +149,7 @@ class EvaluateArgs:
     mlm_probability: float = 0.15  # fraction of each block's tokens masked
     max_blocks: int | None = None  # the first N blocks only (train.py's eval_max_blocks)
     whole_word_mask: bool = False  # mask whole words (train.py's setting)
-    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: bf16 where supported
+    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: native bf16, else fp16 (GPU), fp32 (CPU)
     device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
     cache_dir: str = "~/.cache/minibert"  # where tokenized blocks are cached (as train.py)
     json: bool = False  # one JSON object instead of the plain listing
@@ -168,6 +172,8 @@ def evaluate_checkpoint(args: EvaluateArgs, launch: distributed.Launch,
     Joins the process group when `launch` has several processes (the caller leaves it)."""
     device = distributed.init(launch, resolve_device(args.device))
     precision = resolve_precision(args.precision, device)
+    if (warning := precision_warning(precision, device)) and is_main():
+        print(warning, file=sys.stderr)
 
     # A checkpoint without a masked-LM head is refused: a random head's perplexity measures
     # nothing, and would differ between the processes of one evaluation.
@@ -232,7 +238,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateArgs:
             ("eval_seed", int, "seeds the fixed masks (train.py's eval_seed)"),
             ("mlm_probability", float, "fraction of each block's tokens that are masked"),
             ("max_blocks", int, "evaluate the first N blocks only (train.py's eval_max_blocks)"),
-            ("precision", str, "auto, fp32, fp16 or bf16; auto: bf16 where supported"),
+            ("precision", str, "auto, fp32, fp16 or bf16; auto: bf16 where the hardware "
+                               "computes it natively, else fp16 on a GPU, fp32 on a CPU"),
             ("device", str, "auto, cpu or cuda; auto: cuda when a GPU is visible"),
             ("cache_dir", str, "where tokenized blocks are cached (shared with train.py)")):
         parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name),

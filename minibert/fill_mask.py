@@ -18,7 +18,9 @@ every pick in the order made, the last mask's best candidate included.
 
 [CLS], [SEP] and [PAD] typed in a sentence are read as [UNK], as the training data pipeline
 reads them (minibert/data.py): a sentence is one segment, framed by the model's own [CLS] and
-[SEP]. The completed sentences show [UNK] where it is, rather than dropping it.
+[SEP]. The completed sentences show [UNK] where it is, rather than dropping it. A RoBERTa
+model's tokens are <s>, </s>, <pad>, <unk> and <mask> (minibert/tokenizer.py): [MASK] typed
+for it is read as <mask>, with a note, and <mask> typed for a BERT model as [MASK].
 
 A sentence that cannot be filled (no mask, longer than the model's positions) is reported on
 stderr as FILE:LINE (or argument N, example N) and in --json as an "error" object; the others
@@ -43,12 +45,12 @@ from .checkpoint import read_checkpoint
 from .cli import ArgumentParser, read_sentences, report_failures
 from .errors import MinibertError, run_main
 from .model import BertForMaskedLM
-from .tokenizer import load_tokenizer, spelled_special_ids
+from .tokenizer import load_tokenizer, special_ids, tokenizer_family
 
 ORDERS = ("left-to-right", "confidence")
-MASK_TOKEN = "[MASK]"
-# Users type [mask] as often as [MASK]; the tokenizer matches the special token case-sensitively.
-_ANY_CASE_MASK = re.compile(re.escape(MASK_TOKEN), re.IGNORECASE)
+# Users type [mask] as often as [MASK], and BERT's spelling for a RoBERTa model (or the other
+# way round); the tokenizer matches its own mask token only, and case-sensitively.
+_ANY_MASK = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
 
 # The seed's demo: one mask, six masks in a row, and a few sentences with one to three masks.
 EXAMPLE_SENTENCES = (
@@ -95,16 +97,16 @@ def _window(ids: list[int], masks: list[int], max_positions: int) -> tuple[int, 
 def _encode(tokenizer: Tokenizer, text: str, max_positions: int,
             truncate: bool) -> tuple[list[int], dict | None]:
     """(token ids [CLS] text [SEP], None) or, truncated, (ids of a window, what was kept)."""
-    ids = tokenizer.encode(_ANY_CASE_MASK.sub(MASK_TOKEN, text)).ids
+    mask_token = tokenizer_family(tokenizer).mask
+    ids = tokenizer.encode(_ANY_MASK.sub(mask_token, text)).ids
     # A [CLS], [SEP] or [PAD] typed in the text is matched as that special token; read it as
     # [UNK], as the data pipeline does, so that the only frame is the model's own.
-    typed_specials = set(spelled_special_ids(tokenizer, keep_mask=True))  # masks are wanted
-    unk_id = tokenizer.token_to_id("[UNK]")
-    ids = ids[:1] + [unk_id if i in typed_specials else i for i in ids[1:-1]] + ids[-1:]
-    mask_id = tokenizer.token_to_id(MASK_TOKEN)
-    masks = [i for i, t in enumerate(ids) if t == mask_id]
+    special = special_ids(tokenizer)
+    typed_specials = set(special.not_from_text(keep_mask=True))  # masks are wanted
+    ids = ids[:1] + [special.unk if i in typed_specials else i for i in ids[1:-1]] + ids[-1:]
+    masks = [i for i, t in enumerate(ids) if t == special.mask]
     if not masks:
-        raise MinibertError(f"no {MASK_TOKEN} in {text!r}")
+        raise MinibertError(f"no {mask_token} in {text!r}")
     if len(ids) <= max_positions:
         return ids, None
     if not truncate:
@@ -117,9 +119,10 @@ def _encode(tokenizer: Tokenizer, text: str, max_positions: int,
 
 def encode(tokenizer: Tokenizer, text: str, max_positions: int,
            truncate: bool = False) -> list[int]:
-    """[CLS] text [SEP] as token ids, with [mask] in any case read as the mask token and a
-    typed [CLS], [SEP] or [PAD] as [UNK]. Longer than max_positions: an error, or with
-    truncate the window of the text around the masks that fits."""
+    """[CLS] text [SEP] as token ids, with [mask] or <mask> in any case read as the model's
+    mask token and a typed [CLS], [SEP] or [PAD] (<s>, </s>, <pad>) as [UNK] (<unk>). Longer
+    than max_positions: an error, or with truncate the window of the text around the masks
+    that fits."""
     return _encode(tokenizer, text, max_positions, truncate)[0]
 
 
@@ -174,11 +177,11 @@ def fill_masks(model: BertForMaskedLM, tokenizer: Tokenizer, texts: list[str] | 
                             f"got {top_k}")
     if order not in ORDERS:
         raise MinibertError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    mask_id = tokenizer.token_to_id(MASK_TOKEN)
+    mask_id = special_ids(tokenizer).mask
     results: list[_Sentence | dict] = []
     for text in texts:
         try:
-            ids, truncated = _encode(tokenizer, text, model.config.max_position_embeddings,
+            ids, truncated = _encode(tokenizer, text, model.config.max_sequence_length,
                                      truncate)
         except MinibertError as error:
             results.append({"input": text, "error": {"message": str(error)}})
@@ -191,7 +194,7 @@ def fill_masks(model: BertForMaskedLM, tokenizer: Tokenizer, texts: list[str] | 
         pending = [s for s in results if isinstance(s, _Sentence)]
         while pending:
             probs = mask_probabilities(model, [s.ids for s in pending],
-                                       [s.masks for s in pending], tokenizer.token_to_id("[PAD]"))
+                                       [s.masks for s in pending], special_ids(tokenizer).pad)
             for sentence, sentence_probs in zip(pending, probs):
                 _fill_one(sentence, sentence_probs, tokenizer, top_k, order)
             pending = [s for s in pending if s.masks]
@@ -274,7 +277,7 @@ how several masks are filled:
   sentence. The plain listing shows the earlier picks with their probabilities; in --json,
   "filled" lists every pick in the order made (position in the token ids, [CLS] being 0).
 
-a sentence that cannot be filled (no [MASK], too long) is reported on stderr as FILE:LINE
+a sentence that cannot be filled (no mask, too long) is reported on stderr as FILE:LINE
 (argument N, example N), and in --json as {"input", "error": {"source", "message"}}; the
 others are still answered, and the exit status is 1.
 """
@@ -282,7 +285,8 @@ others are still answered, and the exit status is 1.
 
 def parse_args(argv: list[str] | None = None) -> FillMaskArgs:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=HELP)
-    parser.add_argument("text", nargs="*", help="sentences with [MASK] (or [mask]) in them")
+    parser.add_argument("text", nargs="*",
+                        help="sentences with [MASK] (or [mask]; RoBERTa: <mask>) in them")
     parser.add_argument("--model", required=True,
                         help="minibert or HuggingFace checkpoint folder, or a hub id")
     parser.add_argument("--file", type=Path, help="read sentences from this file, one a line")
@@ -310,10 +314,15 @@ def parse_args(argv: list[str] | None = None) -> FillMaskArgs:
 def run(args: FillMaskArgs) -> int:
     """Answer every sentence; 1 when any could not be filled (each reported on stderr)."""
     model, folder, notices = read_checkpoint(args.model, require_head=True)
+    tokenizer = load_tokenizer(folder)
+    mask_token = tokenizer_family(tokenizer).mask
+    if any(m.group(0).lower() != mask_token.lower()
+           for text in args.texts for m in _ANY_MASK.finditer(text)):
+        other = "[MASK]" if mask_token == "<mask>" else "<mask>"
+        notices.append(f"{other} is read as {mask_token}, the mask token of this model")
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
-    results = fill_masks(model, load_tokenizer(folder), args.texts, args.top_k, args.order,
-                         args.truncate)
+    results = fill_masks(model, tokenizer, args.texts, args.top_k, args.order, args.truncate)
     failed = report_failures(results, args.sources)
     if args.json:
         print("\n".join(json.dumps(result) for result in results))

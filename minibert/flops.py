@@ -13,6 +13,8 @@ Per token and layer, forward, with H = hidden_size, I = intermediate_size, S = s
 Masked-LM head, per position it is computed at (only the masked ones in training):
     transform dense                  2 * H * H
     decoder onto the vocabulary      2 * H * vocab_size
+ELECTRA's embeddings are E = embedding_size wide, not H: each token's projection up to H
+costs 2 * E * H, and the head's dense and decoder 2 * H * E and 2 * E * vocab_size.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
 
 def forward_flops(config: BertConfig, seq_len: int, head_positions: float) -> float:
     """Forward FLOPs for one sequence whose MLM head runs at `head_positions` positions."""
-    h, i = config.hidden_size, config.intermediate_size
+    h, i, e = config.hidden_size, config.intermediate_size, config.embedding_width
     per_token_layer = 2 * 4 * h * h + 2 * 2 * h * i + 2 * 2 * seq_len * h
     encoder = config.num_hidden_layers * seq_len * per_token_layer
-    head = head_positions * (2 * h * h + 2 * h * config.vocab_size)
-    return float(encoder + head)
+    projection = seq_len * 2 * e * h if e != h else 0
+    head = head_positions * (2 * h * e + 2 * e * config.vocab_size)
+    return float(encoder + projection + head)
 
 
 def training_flops_per_token(config: BertConfig, seq_len: int,

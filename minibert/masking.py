@@ -2,7 +2,7 @@
 
     special = special_token_ids(tokenizer)                   # [PAD], [CLS], [SEP], [MASK]
     inputs, labels = mask_batch(input_ids, sequence_indices, seed=0, epoch=epoch,
-                                mask_token_id=tokenizer.token_to_id("[MASK]"),
+                                mask_token_id=special_ids(tokenizer).mask,
                                 special_token_ids=special, vocab_size=tokenizer.get_vocab_size())
 
 In every sequence, 15% of the tokens that are not special are chosen as prediction targets.
@@ -39,16 +39,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .tokenizer import special_ids, tokenizer_family
+
 IGNORE_INDEX = -100  # label of positions that are not predicted; F.cross_entropy skips them
 
 
 def special_token_ids(tokenizer) -> list[int]:
-    """Ids of [PAD], [CLS], [SEP] and [MASK] in a `tokenizers.Tokenizer`: never chosen as
-    targets, never drawn as random replacements. [UNK] is left out on purpose (see above)."""
-    ids = [tokenizer.token_to_id(token) for token in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")]
-    if None in ids:
-        raise ValueError("the tokenizer lacks one of [PAD], [CLS], [SEP], [MASK]")
-    return ids
+    """Ids of [PAD], [CLS], [SEP] and [MASK] (RoBERTa: <pad>, <s>, </s>, <mask>) in a
+    `tokenizers.Tokenizer`: never chosen as targets, never drawn as random replacements.
+    [UNK] is left out on purpose (see above). One definition: tokenizer.SpecialIds."""
+    return special_ids(tokenizer).never_targets()
 
 
 def word_starts(tokenizer, input_ids: Tensor) -> Tensor:
@@ -56,9 +56,14 @@ def word_starts(tokenizer, input_ids: Tensor) -> Tensor:
     that continue a word.
 
     WordPiece marks a piece that continues the word before it with "##" ("playing" ->
-    "play", "##ing"). Each special token ([CLS], [SEP], [PAD], [MASK], [UNK]) is a word of its
-    own, and a "##" piece right after one (a block that starts in the middle of a word) starts
-    a word, since the piece it continued is not there.
+    "play", "##ing"); byte-level BPE (RoBERTa) marks a piece that starts a word after a space
+    with "Ġ" ("Ġplaying" or "Ġplay", "ing"). Each special token ([CLS], [SEP], [PAD], [MASK],
+    [UNK] and RoBERTa's <s>, </s>, <pad>, <mask>, <unk>) is a word of its own, and a piece
+    right after one starts a word: a block that starts in the middle of a word (the piece it
+    continued is not there), the first word of a sentence after [CLS] or <s>, which in BPE
+    has no "Ġ", and the word after a <mask>, which took the space before it. (The corpus
+    joins its lines with nothing between them, minibert/data.py: in BPE a line's first word,
+    without "Ġ", is then counted as the end of the previous line's last word.)
     """
     is_continuation, is_special = _piece_tables(tokenizer)
     ids = input_ids.long()
@@ -72,14 +77,16 @@ def word_starts(tokenizer, input_ids: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _piece_tables(tokenizer) -> tuple[Tensor, Tensor]:
-    """Two (vocab_size,) bool tables of a tokenizer: "##" continuation pieces, special tokens."""
+    """Two (vocab_size,) bool tables of a tokenizer: pieces that continue a word, special
+    tokens."""
+    family = tokenizer_family(tokenizer)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     size = max(vocab.values()) + 1
     is_continuation = torch.zeros(size, dtype=torch.bool)
     is_special = torch.zeros(size, dtype=torch.bool)
     for token, index in vocab.items():
-        is_continuation[index] = token.startswith("##")
-        is_special[index] = token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+        is_continuation[index] = not family.starts_word(token)
+        is_special[index] = token in family.special_tokens
     return is_continuation, is_special
 
 
@@ -88,7 +95,7 @@ def make_masker(tokenizer, *, vocab_size: int, mlm_probability: float = 0.15,
     """`mask_batch` with a tokenizer's special ids filled in: what the trainer and the
     evaluation call as mask(input_ids, sequence_indices, seed=..., epoch=...). With
     whole_word_mask, each call also passes the batch's `word_starts`."""
-    mask = functools.partial(mask_batch, mask_token_id=tokenizer.token_to_id("[MASK]"),
+    mask = functools.partial(mask_batch, mask_token_id=special_ids(tokenizer).mask,
                              special_token_ids=special_token_ids(tokenizer),
                              vocab_size=vocab_size, mlm_probability=mlm_probability)
     if not whole_word_mask:

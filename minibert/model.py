@@ -9,6 +9,10 @@ top to bottom. Section numbers in comments refer to that paper.
                                    BertForMaskedLM: MaskedLMHead      BertPooler (on request)
                                      -> logits (batch, seq, vocab)     -> (batch, hidden)
 
+BERT's kin differ in a few lines, each a BertConfig field read by one `if` where it differs
+(docs/03-weights.md, 3.7): RoBERTa's positions (pad_offset_positions), DistilBERT's missing
+token types and attention-output dropout, ELECTRA's narrower embeddings (embedding_size).
+
 The module imports nothing from training or conversion code: it is a pure building block.
 """
 
@@ -35,17 +39,27 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1  # dropout on embeddings and on each sublayer's output
     attention_probs_dropout_prob: float = 0.1  # dropout on the attention weights
     max_position_embeddings: int = 512  # longest sequence the learned positions cover
-    type_vocab_size: int = 2  # number of segments (sentence A / sentence B)
+    type_vocab_size: int = 2  # number of segments (sentence A / sentence B); 0: none (DistilBERT)
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon used by the original checkpoints
     pad_token_id: int = 0  # id of [PAD]; its embedding row starts at zero
     initializer_range: float = 0.02  # std of the normal init of weights
+    # The family's differences from BERT (the defaults are BERT's):
+    family: str = "bert"  # bert|roberta|distilbert|electra: the names convert.py reads and writes
+    pad_offset_positions: bool = False  # RoBERTa: positions count real tokens from pad_token_id + 1
+    attention_output_dropout: bool = True  # DistilBERT: False, no dropout on attention's output
+    embedding_size: int | None = None  # ELECTRA: embedding width, projected to H (None: H)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+                     "intermediate_size", "max_position_embeddings", "embedding_width",
+                     "max_sequence_length"):  # RoBERTa's: the positions past pad_token_id + 1
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by "
@@ -62,6 +76,16 @@ class BertConfig:
     def head_dim(self) -> int:
         """Width of one attention head: H / A (64 for bert-base)."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the token, position and segment embeddings: H, or ELECTRA's embedding_size."""
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest input: every position, less RoBERTa's offset (514 positions: 512 tokens)."""
+        return self.max_position_embeddings - self.pad_offset_positions * (self.pad_token_id + 1)
 
     @classmethod
     def from_dict(cls, values: dict) -> "BertConfig":
@@ -80,6 +104,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # BERT uses the exact GELU; "gelu_new" (the tanh approximation) and relu appear in some kin.
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
                "relu": F.relu}
+FAMILY_NAMES = ("bert", "roberta", "distilbert", "electra")
 
 
 class BertEmbeddings(nn.Module):
@@ -87,23 +112,40 @@ class BertEmbeddings(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+        self.config = config
+        width = config.embedding_width  # hidden_size (ELECTRA: its smaller embedding_size)
+        self.word_embeddings = nn.Embedding(config.vocab_size, width,
                                             padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        # DistilBERT was distilled without segments: type_vocab_size 0, no such embedding.
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, width)
+                                      if config.type_vocab_size > 0 else None)
+        self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # ELECTRA: embeddings narrower than the encoder are projected up to hidden_size.
+        self.projection = (nn.Linear(width, config.hidden_size)
+                           if width != config.hidden_size else None)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         seq_len = input_ids.shape[1]
-        positions = torch.arange(seq_len, device=input_ids.device)  # (seq,)
+        if self.config.pad_offset_positions:
+            # RoBERTa (fairseq) numbers the real tokens pad_token_id + 1, + 2, ... and gives
+            # every [PAD] the position pad_token_id, so padding never shifts a token's position.
+            is_token = (input_ids != self.config.pad_token_id).long()  # (batch, seq)
+            positions = is_token.cumsum(dim=1) * is_token + self.config.pad_token_id
+        else:
+            positions = torch.arange(seq_len, device=input_ids.device)  # (seq,)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        if token_type_ids is None:
+        if self.token_type_embeddings is None:
+            if token_type_ids is not None:
+                raise ValueError("token_type_ids given, but this model has no token types")
+        elif token_type_ids is None:
             # A single segment: every token is sentence A, whose row is token type 0.
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.layer_norm(x))  # (batch, seq, hidden)
+        x = self.dropout(self.layer_norm(x))  # (batch, seq, embedding width)
+        return x if self.projection is None else self.projection(x)  # (batch, seq, hidden)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -175,9 +217,13 @@ class BertLayer(nn.Module):
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # DistilBERT drops out of the feed-forward output only, not out of attention's.
+        self.attention_output_dropout = (self.dropout if config.attention_output_dropout
+                                         else nn.Identity())
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, key_padding_mask)))
+        attended = self.attention_output_dropout(self.attention(x, key_padding_mask))
+        x = self.attention_norm(x + attended)  # (batch, seq, hidden)
         h = self.activation(self.intermediate(x))  # (batch, seq, intermediate)
         return self.output_norm(x + self.dropout(self.output(h)))  # (batch, seq, hidden)
 
@@ -251,17 +297,19 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        # The transform ends at the width of the embeddings it is multiplied with: hidden_size,
+        # or ELECTRA's embedding_size.
+        self.dense = nn.Linear(config.hidden_size, config.embedding_width)
         self.activation = ACTIVATIONS[config.hidden_act]
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = nn.LayerNorm(config.embedding_width, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        """hidden_states (..., hidden), word_embeddings (vocab, hidden) -> logits (..., vocab).
+        """hidden_states (..., hidden), word_embeddings (vocab, width) -> logits (..., vocab).
 
         The decoder matrix is passed in rather than stored, so the tie cannot come undone and
         the state dict holds the matrix once."""
-        h = self.layer_norm(self.activation(self.dense(hidden_states)))  # (..., hidden)
+        h = self.layer_norm(self.activation(self.dense(hidden_states)))  # (..., width)
         return F.linear(h, word_embeddings, self.bias)  # (..., vocab)
 
 
@@ -366,7 +414,7 @@ class BertForMaskedLM(nn.Module):
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        """The (vocab, hidden) matrix shared by the input embedding and the MLM decoder."""
+        """The (vocab, width) matrix shared by the input embedding and the MLM decoder."""
         return self.bert.embeddings.word_embeddings.weight
 
 

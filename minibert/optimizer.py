@@ -25,9 +25,11 @@ import torch
 
 from . import distributed
 from .batches import StepBatch
+from .errors import MinibertError
 from .model import BertForMaskedLM
-from .precision import autocast
+from .precision import autocast, describe_device
 from .train_config import TrainConfig
+from .train_state import rng_state, set_rng_state
 
 
 @dataclass
@@ -43,6 +45,9 @@ class Trainee:
     precision: str  # fp32|fp16|bf16: the autocast of the forward passes
     world_size: int  # processes that average their gradients (DDP)
     max_grad_norm: float  # clip the global gradient norm to this (0: no clipping)
+    # ddp_model is torch.compile'd and has not run yet: its first step compiles it, and falls
+    # back to the uncompiled module if compiling fails (first_compiled_step).
+    compile_pending: bool = False
 
 
 def optimizer_step(trainee: Trainee, batch: StepBatch,
@@ -52,6 +57,8 @@ def optimizer_step(trainee: Trainee, batch: StepBatch,
     Returns (this rank's summed NLL over the step, gradient norm before clipping), both still
     on the device: reading them would make the host wait for the GPU (the loop does it only
     when it writes a log line)."""
+    if trainee.compile_pending:
+        return first_compiled_step(trainee, batch, global_count)
     ddp_model, scaler = trainee.ddp_model, trainee.scaler
     device = trainee.model.word_embeddings.device
     ddp_model.train()
@@ -84,6 +91,50 @@ def optimizer_step(trainee: Trainee, batch: StepBatch,
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         trainee.scheduler.step()
     return step_nll, grad_norm
+
+
+def first_compiled_step(trainee: Trainee, batch: StepBatch,
+                        global_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step of a compiled model, which is when torch.compile compiles it (forward at
+    the first call, backward at the first backward): if that raises, one line names the error
+    and the device, and the step runs again on the uncompiled module, as do all later steps.
+
+    Compilers fail on hardware they were not built for (Triton supports compute capability
+    8.0 and newer; docs/04-training-on-several-gpus.md, 4.8), and a run that eager mode
+    completes should not die of it. The retry starts from the state the failed attempt
+    started from: no update happened (the compiled module is only the forward and backward),
+    the gradients it may have accumulated are dropped and the RNG state (dropout's) is put
+    back, so the run's numbers are those of an uncompiled run. An error that eager mode
+    raises too (a bad input, memory) comes out of the retry as itself. In several processes
+    each rank decides for itself: ranks on the same GPU model fail alike and fall back
+    together (tested in one process only)."""
+    trainee.compile_pending = False
+    device = trainee.model.word_embeddings.device
+    rng_before = rng_state(device)
+    try:
+        return optimizer_step(trainee, batch, global_count)
+    except (MinibertError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - any compiler failure; eager re-raises real ones
+        distributed.print0(f"warning: compiling the training step failed on "
+                           f"{describe_device(device)} ({error_line(error)}); continuing "
+                           f"without compile")
+    trainee.optimizer.zero_grad(set_to_none=True)
+    set_rng_state(rng_before, device)
+    trainee.ddp_model = trainee.ddp_model._orig_mod  # the module torch.compile wrapped
+    return optimizer_step(trainee, batch, global_count)
+
+
+def error_line(error: Exception) -> str:
+    """An exception in one line: the chain of wrappers torch.compile puts around a compiler's
+    error (BackendCompilerFailed, InductorError hold it as inner_exception), then the first
+    line of the innermost one's message."""
+    names = [type(error).__name__]
+    while isinstance(getattr(error, "inner_exception", None), Exception):
+        error = error.inner_exception
+        names.append(type(error).__name__)
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{' -> '.join(names)}: {first[:200]}"
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

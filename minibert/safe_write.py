@@ -26,6 +26,14 @@ A run killed in that window leaves the pieces; the next write beside them (`reco
 finishes the swap from .new or undoes it from .old, and a read of NAME meanwhile reads the
 complete side (`readable`, below).
 
+Moving. `move` renames a file or folder to a new place in one step and fsyncs both parents:
+what moves stays whole. A caller that moves several things records its plan first, so that
+the next run can finish what a kill interrupted (minibert/resume.py).
+
+A full disk. A write that fails for want of space raises DiskFullError, one line naming the
+target, how much was free and about how much it needed, once its temporary is deleted; a
+folder that cannot be created is one line too (minibert/write_errors.py).
+
 Leftovers. A hidden name says what it holds: .NAME.tmp-* a write in progress, .NAME.new-* and
 .NAME.old-* the halves of a swap, .NAME.del-* a folder being deleted (`remove_folder`). The PID,
 host and STAMP in it tell whether its maker is still running. PID and host alone cannot: a
@@ -64,11 +72,30 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import MinibertError
+from .write_errors import DiskFullError, disk_bytes, free_space, make_folder, out_of_space
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|new|old|del)-(?P<pid>\d+)-"
                        r"(?P<host>[A-Za-z0-9]*)(?:-(?P<stamp>[0-9a-f]{8}))?-[0-9a-f]{6}")
 _PROC = Path("/proc")  # Linux's view of processes; where it is missing names carry no stamp
 _FOREIGN = re.compile(r"\.(?P<name>.+)\.(tmp|new|old|del)-.+|.+\.\d+\.tmp")  # older names
+
+
+@contextlib.contextmanager
+def _space_checked(dst: Path, tmp: Path, needed: int | None) -> Iterator[None]:
+    """Turn a failure for want of space while `tmp` is written into a DiskFullError for
+    `dst`, once `tmp` is deleted (so that the space it took is counted as free)."""
+    try:
+        yield
+    except Exception as error:
+        if not out_of_space(error, tmp.parent):
+            raise
+        # What is free once tmp is deleted, counted before: a writer's file that is still
+        # open (torch.save's, held by the traceback) keeps its blocks after the deletion.
+        free = free_space(dst.parent) + disk_bytes(tmp)
+        _delete(tmp)
+        if isinstance(error, DiskFullError) and needed is None:
+            needed = error.needed
+        raise DiskFullError(dst, free, needed) from None
 
 
 def _host() -> str:
@@ -192,19 +219,22 @@ def readable(dst: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(dst: str | Path, overwrite: bool = False,
+                  needed: int | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside `dst`; when the block ends without an error,
-    make it `dst` (replacing an existing `dst` only with overwrite), else delete it."""
+    make it `dst` (replacing an existing `dst` only with overwrite), else delete it. `needed`:
+    about how many bytes it will hold, for the DiskFullError of a full disk."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise MinibertError(f"{dst}: already exists (choose a new folder or pass --overwrite)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(dst)
     recover_and_tidy(dst.parent)
     tmp = _aside(dst, "tmp")
-    os.mkdir(tmp)  # mode 0o777 less the umask
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        with _space_checked(dst, tmp, needed):
+            os.mkdir(tmp)  # mode 0o777 less the umask
+            yield tmp
+            _fsync_tree(tmp)
         with _signals_deferred():
             if not dst.exists():
                 os.rename(tmp, dst)
@@ -222,17 +252,19 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(dst: str | Path) -> Iterator[Path]:
+def atomic_file(dst: str | Path, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `dst` to write; when the block ends without an error,
-    rename it over `dst` in one step, else delete it."""
+    rename it over `dst` in one step, else delete it. `needed`: about how many bytes it will
+    hold, for the DiskFullError of a full disk."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(dst)
     recover_and_tidy(dst.parent)
     tmp = _aside(dst, "tmp")
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync_path(tmp)
+        with _space_checked(dst, tmp, needed):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync_path(tmp)
         os.replace(tmp, dst)
         _fsync_path(dst.parent)
     finally:
@@ -243,6 +275,23 @@ def write_text(dst: str | Path, text: str) -> None:
     """Replace the file `dst` with `text` (UTF-8) atomically."""
     with atomic_file(dst) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def move(src: str | Path, dst: str | Path) -> None:
+    """Rename the file or folder `src` to `dst` (on the same filesystem) in one step, and make
+    the rename durable: both parent folders are fsynced. `dst` must not exist; its parent is
+    created."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise MinibertError(f"cannot move {src} to {dst}: it exists")
+    _make_parent(dst)
+    os.rename(src, dst)
+    _fsync_path(dst.parent)
+    _fsync_path(src.parent)
+
+
+def _make_parent(dst: Path) -> None:
+    make_folder(dst.parent)
 
 
 def remove_folder(path: str | Path) -> None:
@@ -334,4 +383,10 @@ def _signals_deferred() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for signum in held:
-            signal.raise_signal(signum)
+            # The handler is called here rather than the signal raised again: a second delivery
+            # would count as a second signal for minibert/stopping.py's watchdog.
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)

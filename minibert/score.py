@@ -51,7 +51,7 @@ from .errors import MinibertError, run_main
 from .masking import word_starts
 from .model import BertForMaskedLM
 from .precision import check_device, resolve_device
-from .tokenizer import load_tokenizer, spelled_special_ids
+from .tokenizer import load_tokenizer, special_ids
 
 DEFAULT_BATCH_SIZE = 32  # masked copies per forward pass
 
@@ -61,8 +61,8 @@ def encode(tokenizer: Tokenizer, text: str, max_positions: int) -> torch.Tensor:
     ids = torch.tensor(tokenizer.encode(text).ids)
     # Text that spells a special token ("[SEP]", "[MASK]") is read as [UNK], as in the corpus
     # (minibert.data): a [SEP] inside the sentence would cut it in two.
-    spelled = torch.tensor(spelled_special_ids(tokenizer))
-    ids[1:-1][torch.isin(ids[1:-1], spelled)] = tokenizer.token_to_id("[UNK]")
+    special = special_ids(tokenizer)
+    ids[1:-1][torch.isin(ids[1:-1], torch.tensor(special.not_from_text()))] = special.unk
     if len(ids) <= 2:
         raise MinibertError(f"nothing to score in {text!r}: it has no tokens")
     if len(ids) > max_positions:
@@ -126,12 +126,12 @@ def score_sentences(model: BertForMaskedLM, tokenizer: Tokenizer,
     errors: dict[int, str] = {}
     for index, text in enumerate(texts):
         try:
-            sentences.append(encode(tokenizer, text, model.config.max_position_embeddings))
+            sentences.append(encode(tokenizer, text, model.config.max_sequence_length))
         except MinibertError as error:
             sentences.append(None)
             errors[index] = str(error)
     logprobs = [[0.0] * (len(ids) - 2) if ids is not None else [] for ids in sentences]
-    pad_token_id, mask_token_id = tokenizer.token_to_id("[PAD]"), tokenizer.token_to_id("[MASK]")
+    pad_token_id, mask_token_id = special_ids(tokenizer).pad, special_ids(tokenizer).mask
     was_training = model.training
     model.eval()  # dropout off: a score must not depend on the mode the caller left it in
     try:

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import inspect
 import io
+import math
 import re
 import tokenize
 import types
@@ -70,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
 
     # numerics and regularisation
-    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: bf16 where supported, else fp16
+    precision: str = "auto"  # auto|fp32|fp16|bf16; auto: native bf16, else fp16 (GPU), fp32 (CPU)
     device: str = "auto"  # auto|cpu|cuda; auto: cuda when a GPU is visible
     dropout: float | None = None  # override hidden and attention dropout (None: the model's)
     compile: bool = False  # torch.compile the training model: faster GPU steps after compiling
@@ -88,10 +89,14 @@ class TrainConfig:
     save_every: int = 500  # write checkpoints/step-N every this many steps (0: only at the end)
     keep_last: int = 2  # keep only the newest N step checkpoints (0: keep all)
     resume: str | None = None  # "latest" (newest in out_dir/checkpoints) or a step-N folder
-    overwrite: bool = False  # start afresh in an out_dir that holds checkpoints (deletes them)
+    overwrite: bool = False  # start afresh in an out_dir with checkpoints (deletes those only)
     peak_tflops: float | None = None  # per-device peak for MFU (None: looked up for known GPUs)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # inf and nan pass a range check such as lr > 0, or fail it oddly
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f.name,
+                   f"must be a finite number, got {value}")
         try:  # the settings an evaluation shares with the evaluate command: its rules
             check_settings(max_seq_length=self.max_seq_length, eval_seed=self.eval_seed,
                            mlm_probability=self.mlm_probability, precision=self.precision,
@@ -145,6 +150,8 @@ def _check_model_config(overrides: dict) -> None:
                 hint = f" ({key} is a training setting: put it above the [model_config] table)"
             raise MinibertError(f"config: model_config: unknown BertConfig field {key}{hint}")
         kind = hints[key]
+        if isinstance(kind, types.UnionType):  # embedding_size: int | None; TOML has no None
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True

@@ -31,8 +31,10 @@ so the CPU and CUDA generator states of each rank are all the RNG a checkpoint n
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ from .errors import MinibertError
 from .model import BertForMaskedLM
 from .safe_write import atomic_folder, readable, remove_folder, write_text
 from .train_config import TrainConfig
+from .write_errors import DiskFullError, free_space
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -73,14 +76,8 @@ class MetricsFile:
         self.global_batch_size, self.max_seq_length = global_batch_size, max_seq_length
         if not is_main():
             return
-        kept = []
-        if keep_until_step is not None and path.is_file():
-            # A resumed run drops what the interrupted run logged after its checkpoint.
-            for line in path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line)["step"] <= keep_until_step:
-                        kept.append(line + "\n")
-        write_text(path, "".join(kept))
+        # A resumed run drops what the interrupted run logged after its checkpoint.
+        write_text(path, log_until(path, keep_until_step) if keep_until_step is not None else "")
 
     def write(self, record: dict) -> None:
         """Append one line."""
@@ -90,8 +87,28 @@ class MetricsFile:
                           "tokens": record["step"] * self.global_batch_size * self.max_seq_length}
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                      for k, v in record.items()}  # JSON has no inf/NaN: a skipped step logs null
-            with self.path.open("a", encoding="utf-8") as file:
-                file.write(json.dumps(clean) + "\n")
+            line = json.dumps(clean) + "\n"
+            size = self.path.stat().st_size if self.path.exists() else 0
+            try:
+                with self.path.open("a", encoding="utf-8") as file:
+                    file.write(line)
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                os.truncate(self.path, size)  # no line cut short (shrinking needs no space)
+                raise DiskFullError(self.path, free_space(self.path.parent), len(line)) from None
+
+
+def log_until(path: Path, step: int) -> str:
+    """The lines of the metrics log `path` up to `step` ("" when there is none); a line that is
+    not JSON (cut short by a kill) is dropped."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+    return "".join(kept)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -131,12 +148,24 @@ def save_training_state(folder: str | Path, *, model: BertForMaskedLM, tokenizer
                                   else not_a_resume_checkpoint(Path(folder))) is not None:
         raise MinibertError(f"{folder}: not replaced: a resume checkpoint holds model/ and "
                             f"{STATE_FILE} only, and this one holds {problem}")
-    with atomic_folder(folder, overwrite=True) as tmp:
+    needed = tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict())
+    with atomic_folder(folder, overwrite=True, needed=needed) as tmp:
         save_pretrained(model, tmp / "model", tokenizer_source=tokenizer_source)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng_states": rng_states,
                     "position": asdict(position), "config": config}, tmp / STATE_FILE)
     return Path(folder)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested dict, list or tuple: about what saving them takes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def load_training_state(folder: str | Path) -> dict:
@@ -163,6 +192,37 @@ def step_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def not_only_step_checkpoints(out_dir: str | Path) -> str | None:
+    """What out_dir/checkpoints holds besides step-N resume checkpoints ("notes.txt",
+    "step-2/notes.txt"), or None: what --overwrite may delete, as it deletes the folder."""
+    root = Path(out_dir) / "checkpoints"
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (_STEP_DIR.fullmatch(entry.name) and entry.is_dir()):
+            return f"{entry.name}/" if entry.is_dir() else entry.name
+        if (problem := not_a_resume_checkpoint(entry)) is not None:
+            return f"{entry.name}/{problem}"
+    return None
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The step a resume checkpoint was saved at, read without loading its tensors."""
+    file = Path(folder) / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise MinibertError(f"{file}: unreadable ({type(error).__name__}: {error})") from None
+    return state["position"]["step"]
+
+
+def newest_checkpoint(out_dir: str | Path, kind: str = "complete",
+                      then: str = "") -> str:
+    """'the newest complete checkpoint is PATH' (followed by `then`, what to do with it), or
+    that there is none: what a run that stops on an error tells the user to resume from."""
+    found = step_checkpoints(out_dir)
+    return f"the newest {kind} checkpoint is {found[-1]}{then}" if found else \
+        "no checkpoint was saved"
+
+
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
     """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder (or,
     where a replacement of it was interrupted, its complete side: safe_write.readable). Only
@@ -180,11 +240,13 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path:
     return folder
 
 
-def prune(out_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints (keep_last 0 keeps all)."""
+def prune(out_dir: str | Path, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (keep_last 0 keeps all), and never
+    `keep`, the checkpoint the run has just written."""
     if keep_last > 0:
         for folder in step_checkpoints(out_dir)[:-keep_last]:
-            remove_folder(folder)  # renamed aside first: never seen half-deleted
+            if keep is None or folder.resolve() != Path(keep).resolve():
+                remove_folder(folder)  # renamed aside first: never seen half-deleted
 
 
 # ---------------------------------------------------------------------------------------------

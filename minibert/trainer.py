@@ -8,17 +8,20 @@ build     the model on its device (wrapped in DistributedDataParallel when there
           processes), AdamW, the learning-rate schedule, the fp16 GradScaler; restores a
           resume checkpoint.
 fit       the loop: one optimizer step = grad_accum micro-batches on every process; logs,
-          evaluates, saves, stops cleanly on SIGTERM / Ctrl-C.
+          evaluates, saves, stops cleanly on SIGTERM / Ctrl-C, and with exit status 1 when
+          the loss diverges.
 evaluate  exact masked-LM loss, perplexity and accuracy on the validation blocks
           (minibert/evaluate.py, also a command of its own).
 
 How a global batch is cut across steps, micro-batches and ranks: minibert/batches.py. One
 optimizer step, AdamW and the schedule (and why the loss is divided by the step's masked-token
-count): minibert/optimizer.py. What a log line holds: minibert/training_log.py.
+count): minibert/optimizer.py. What a log line holds: minibert/training_log.py. What a resume
+restores and decides (going back to an older checkpoint, say): minibert/resume.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import signal
@@ -32,7 +35,7 @@ import torch
 
 from . import distributed
 from .batches import BatchLayout, Prefetcher
-from .checkpoint import random_init, read_checkpoint, save_pretrained
+from .checkpoint import not_a_checkpoint, random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
 from .distributed import CountAndVote, is_main, print0
 from .errors import MinibertError
@@ -40,17 +43,19 @@ from .evaluate import check_block_length, evaluate
 from .flops import training_flops_per_token
 from .masking import make_masker
 from .model import BertForMaskedLM
-from .optimizer import Trainee, make_optimizer, optimizer_step, restore_optimizer
+from .optimizer import Trainee, make_optimizer, optimizer_step
 from .plot import plot_runs
-from .precision import precision_warning, resolve_device, resolve_precision
+from .precision import compile_note, precision_warning, resolve_device, resolve_precision
+from .resume import finish_new_lines, nothing_to_do, plan_new_line, restore, start_new_line
 from .safe_write import recover_and_tidy, remove_folder
-from .stopping import StopRequest
+from .stopping import StopRequest, divergence
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .training_log import TrainingLog
-from .train_state import (DataPosition, MetricsFile, compare_configs, load_training_state, prune,
-                          resolve_resume, rng_state, save_training_state, set_rng_state,
-                          step_checkpoints)
+from .train_state import (DataPosition, MetricsFile, checkpoint_step, newest_checkpoint, prune,
+                          not_only_step_checkpoints, resolve_resume, rng_state,
+                          save_training_state, step_checkpoints, tensor_bytes)
+from .write_errors import DiskFullError, check_writable, make_folder
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -113,6 +118,7 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
         print0(warning)
 
     out_dir = Path(config.out_dir)
+    check_writable(out_dir, "out_dir")  # before any work; created once every check passed
     resume_from = starting_point(config, out_dir)
     check_splits(config.data, ("train", "validation"))  # both, before tokenizing either
 
@@ -155,18 +161,33 @@ def starting_point(config: TrainConfig, out_dir: Path) -> Path | None:
     run in an out_dir that holds checkpoints unless overwrite is set."""
     if is_main():  # finish or undo a checkpoint write that a kill interrupted, before looking
         recover_and_tidy(out_dir / "checkpoints")
+        for folder in finish_new_lines(out_dir):  # and the moves of a new line (resume.py)
+            print0(f"note: finished moving an abandoned line to {folder} (a run was stopped "
+                   f"while moving it)")
     distributed.barrier()
     resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
-    if resume_from is None and step_checkpoints(out_dir) and not config.overwrite:
-        raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume to "
-                            f"continue it, --overwrite to start afresh, or another --out_dir")
+    if resume_from is None and step_checkpoints(out_dir):
+        if not config.overwrite:
+            raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume "
+                                f"to continue it, --overwrite to start afresh, or another "
+                                f"--out_dir")
+        if (problem := not_only_step_checkpoints(out_dir)) is not None:
+            raise MinibertError(f"{out_dir / 'checkpoints'}: --overwrite deletes an earlier "
+                                f"run's step-N checkpoints and nothing else, and this folder "
+                                f"holds {problem}; move it or choose another --out_dir")
+    final = out_dir / "final"  # replaced when the run ends: refuse now, not after training
+    if final.exists() and (problem := "is a file" if not final.is_dir()
+                           else not_a_checkpoint(final)) is not None:
+        raise MinibertError(f"{final}: the run writes its model there when it ends, and this is "
+                            f"not a checkpoint folder ({problem}); move it or choose another "
+                            f"--out_dir")
     return resume_from
 
 
 def prepare_out_dir(run: Run) -> None:
     """What the run does to out_dir before its first step (rank 0, once every check passed):
     create it; with overwrite, delete the earlier run's checkpoints."""
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run.out_dir, "out_dir")
     if run.resume_from is None and run.config.overwrite:
         remove_folder(run.out_dir / "checkpoints")
 
@@ -191,7 +212,10 @@ def build(config: TrainConfig, run: Run) -> Trainee:
         # Compiled after the DDP wrap, so that the compiler sees DDP's gradient buckets (it
         # splits the graph at them, to overlap the all-reduce with the backward). With the
         # fixed-shape head (optimizer_step passes max_targets) the training forward is one
-        # graph without a break. Evaluation and saving keep using the plain module.
+        # graph without a break. Evaluation and saving keep using the plain module. The
+        # compiler runs at the first step, which falls back to eager if it fails.
+        if note := compile_note(run.device):
+            print0(note)
         ddp_model = torch.compile(ddp_model)
 
     optimizer, scheduler = make_optimizer(model, config, warmup_steps=run.warmup_steps,
@@ -208,44 +232,7 @@ def build(config: TrainConfig, run: Run) -> Trainee:
     if run.resume_from is not None:
         start_step = restore(run, optimizer, scheduler, scaler)
     return Trainee(model, ddp_model, optimizer, scheduler, scaler, start_step, run.precision,
-                   run.launch.world_size, config.max_grad_norm)
-
-
-def restore(run: Run, optimizer, scheduler, scaler) -> int:
-    """Load optimizer, scheduler, GradScaler and this rank's RNG state; return the step.
-
-    The run's settings are compared with the checkpoint's first (train_state.compare_configs):
-    one that changes what the steps compute is refused, an accepted change is reported. A new
-    lr, warmup or weight_decay is applied, and the learning rate always follows this run's
-    schedule (optimizer.restore_optimizer): extending max_steps reshapes it, and one line says
-    how the lr moves."""
-    state = load_training_state(run.resume_from)
-    notes = compare_configs(state["config"], run.config)
-    position: DataPosition = state["position"]
-    if (position.global_batch_size, position.num_train_blocks) != (
-            run.global_batch_size, len(run.train_blocks)):
-        raise MinibertError(
-            f"{run.resume_from}: saved with a global batch of {position.global_batch_size} over "
-            f"{position.num_train_blocks} blocks, this run has {run.global_batch_size} over "
-            f"{len(run.train_blocks)}; resume with the same data, batch_size x grad_accum x "
-            f"processes")
-    note = restore_optimizer(optimizer, scheduler, state, run.config,
-                             warmup_steps=run.warmup_steps, total_steps=run.total_steps,
-                             step=position.step)
-    if note is not None:
-        notes.append(note)
-    if state["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    rng_states = state["rng_states"]
-    if len(rng_states) == run.launch.world_size:
-        set_rng_state(rng_states[run.launch.rank], run.device)
-    else:
-        notes.append(f"the checkpoint holds RNG states of {len(rng_states)} processes, this run "
-                     f"has {run.launch.world_size}: dropout draws will differ from the original run")
-    for note in notes:
-        print0(f"note: {note}")
-    print0(f"resumed from {run.resume_from} at step {position.step}")
-    return position.step
+                   run.launch.world_size, config.max_grad_norm, compile_pending=config.compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +244,8 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
 
     metrics.jsonl gets a line at step 0 (evaluation only), every log_every steps and at every
     evaluation (minibert/training_log.py says what a line holds); after a resume the lines
-    after the checkpoint's step are dropped first.
+    after the checkpoint's step are dropped first (a resume that goes back moves the old line
+    aside: resume.py). A loss that is not finite stops the run (stopping.divergence).
 
     Between two log lines the loop never makes the host wait for a GPU: the batches come
     from a background thread (batches.Prefetcher), the masked-token counts from the CPU-side
@@ -265,6 +253,9 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     and loss and gradient norm stay on the device until a log line reads them."""
     step = trainee.start_step
     resumed = run.resume_from is not None
+    if resumed and is_main() and (line := plan_new_line(run.out_dir, run.resume_from, step)):
+        print0(start_new_line(line))  # going back: the old line moves aside (resume.py)
+    distributed.barrier()  # the other ranks wait for rank 0's moves
     metrics = MetricsFile(run.out_dir / "metrics.jsonl", keep_until_step=step if resumed else None,
                           global_batch_size=run.global_batch_size,
                           max_seq_length=config.max_seq_length)
@@ -281,8 +272,19 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
         if evaluate_now:
             draw_curve(run.out_dir)  # loss.png is redrawn at each evaluation
 
+    def stop_if_diverged(step: int, record: dict | None = None) -> None:
+        """Exit 1 before a non-finite model is saved or trained on (stopping.divergence)."""
+        if problem := divergence(run.precision, trainee.scaler, log, record):
+            if record is not None:
+                metrics.write(record)  # the line that shows it
+            newest = newest_checkpoint(run.out_dir, "good", then=" (resume from it with a "
+                                                               "lower lr, say)")
+            raise MinibertError(f"step {step}: {problem}: the run has diverged and stops "
+                                f"without saving; {newest}")
+
     def save(step: int) -> None:
         nonlocal last_saved
+        stop_if_diverged(step)
         save_checkpoint(run, trainee, step)
         last_saved = step
 
@@ -306,9 +308,9 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
     # on a CPU that thread would only take cores from the step itself.
     ahead = 2 if run.device.type == "cuda" else 0
     count_and_vote = CountAndVote(run.device)
-    with StopRequest() as stop, Prefetcher(run.train_blocks, run.layout, run.mask,
-                                           range(step, run.total_steps), run.device,
-                                           ahead) as batches:
+    with StopRequest() as stop, contextlib.closing(log), Prefetcher(
+            run.train_blocks, run.layout, run.mask, range(step, run.total_steps), run.device,
+            ahead) as batches:
         while step < run.total_steps:
             started = time.perf_counter()
             batch = next(batches)
@@ -322,12 +324,13 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
             lr = trainee.scheduler.get_last_lr()[0]
             step_nll, grad_norm = optimizer_step(trainee, batch, global_count)
             step += 1
-            log.add(step_nll, global_count, started)
+            log.add(step_nll, global_count, started, grad_norm)
             is_eval = step == run.total_steps or (config.eval_every
                                                   and step % config.eval_every == 0)
             if step % config.log_every == 0 or is_eval:
                 record = log.line(step, lr, grad_norm)
                 summary["train_loss"] = record["train_loss"]
+                stop_if_diverged(step, record)
                 write(record, evaluate_now=is_eval)
             if config.save_every and step % config.save_every == 0:
                 save(step)
@@ -394,15 +397,19 @@ def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
             config=asdict(run.config),
             position=DataPosition(step, epoch, step_in_epoch, run.global_batch_size,
                                   len(run.train_blocks)))
-        prune(run.out_dir, run.config.keep_last)  # only now that the new one is on disk
+        prune(run.out_dir, run.config.keep_last, keep=folder)  # now that the new one is on disk
     run.tokenizer_source = folder / "model"
 
 
 def save_final(run: Run, trainee: Trainee) -> None:
     """out_dir/final: the trained model alone, a checkpoint for fill-mask and conversion."""
     if is_main():
-        save_pretrained(trainee.model, run.out_dir / "final", tokenizer_source=run.tokenizer_source,
-                        overwrite=True)
+        try:
+            save_pretrained(trainee.model, run.out_dir / "final",
+                            tokenizer_source=run.tokenizer_source, overwrite=True)
+        except DiskFullError as error:
+            raise DiskFullError(error.target, error.free,
+                                tensor_bytes(trainee.model.state_dict())) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +420,15 @@ def train(config: TrainConfig, environ: Mapping[str, str]) -> dict:
     variables (the script passes os.environ); returns fit's summary."""
     try:
         run = setup(config, environ)
+        if run.resume_from is not None:
+            step = checkpoint_step(run.resume_from)
+            if done := nothing_to_do(step, run.total_steps, config):
+                print0(done)  # and final/ stays as the finished run wrote it
+                return {"start_step": step, "step": step, "stopped": False, "evals": {}}
         trainee = build(config, run)
-        return fit(config, run, trainee)
+        try:
+            return fit(config, run, trainee)
+        except DiskFullError as error:  # the run's own writes; rank 0 only
+            raise MinibertError(f"{error}; {newest_checkpoint(run.out_dir)}") from None
     finally:
         distributed.cleanup()

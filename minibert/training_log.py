@@ -7,7 +7,7 @@ per log step instead: `step 40/80: train loss 4.9876, lr 5.69e-04, 12,700 tokens
     log = TrainingLog(device, precision, scaler, start_step=0, total_steps=1000,
                       tokens_per_step=256 * 512, world_size=2, flops_per_token=...)
     for every optimizer step:
-        log.add(step_nll, global_count, started)        # device sums: the host does not wait
+        log.add(step_nll, global_count, started, grad_norm)  # device sums: no host wait
         if step % log_every == 0:
             record = log.line(step, lr, grad_norm)      # the host waits for the GPU here only
     log.close()
@@ -17,7 +17,9 @@ The window. Between two log lines the steps' summed NLL (this rank's) and masked
 for the GPU. A log line all-reduces the NLL and divides by the count: the exact loss over every
 masked token of every rank in the window, never a mean of per-step means. Its "steps" says how
 many optimizer steps it covers: log_every, fewer on the first line after a resume and on an
-evaluation line between two log steps.
+evaluation line between two log steps. The window also sums the steps' gradient norms, so that
+a save between two lines can tell whether every loss and norm since the last one is finite
+(window_is_finite).
 
 Throughput counts the seconds of training steps only, from the start of each step to its end,
 and at a log step to the moment the loss has been read (on a GPU that wait is when the queued
@@ -55,6 +57,8 @@ class TrainingLog:
         # The window: this rank's summed NLL, the masked tokens of all ranks, on the device.
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
+        # Norms are >= 0: their sum is finite exactly when each one is (no cancellation).
+        self.grad_norms = torch.zeros((), dtype=torch.float64, device=device)
         self.steps, self.seconds = 0, 0.0
         self._step_end = 0.0  # when the last step added ended
         self.total_steps = total_steps
@@ -64,12 +68,14 @@ class TrainingLog:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
                         disable=not is_main() or self.plain_lines, dynamic_ncols=True)
 
-    def add(self, step_nll: torch.Tensor, global_count: torch.Tensor, started: float) -> None:
-        """One optimizer step done: its summed NLL (this rank) and masked-token count (all
-        ranks) join the window without a host wait; it took from `started` (perf_counter)
-        until now."""
+    def add(self, step_nll: torch.Tensor, global_count: torch.Tensor, started: float,
+            grad_norm: torch.Tensor) -> None:
+        """One optimizer step done: its summed NLL (this rank), masked-token count (all ranks)
+        and gradient norm join the window without a host wait; it took from `started`
+        (perf_counter) until now."""
         self.nll += step_nll
         self.count += global_count
+        self.grad_norms += grad_norm
         self.steps += 1
         self._step_end = time.perf_counter()
         self.seconds += self._step_end - started
@@ -96,8 +102,15 @@ class TrainingLog:
                    f"{tokens_per_s:,.0f} tokens/s")
         self.nll.zero_()
         self.count.zero_()
+        self.grad_norms.zero_()
         self.steps, self.seconds = 0, 0.0
         return record
+
+    def window_is_finite(self) -> bool:
+        """Whether every loss and gradient norm since the last line is finite, on every rank.
+        Makes the host wait for the device: the loop asks only before a save."""
+        bad = (~torch.isfinite(self.nll) | ~torch.isfinite(self.grad_norms)).to(torch.int64)
+        return all_reduce_sum(bad).item() == 0
 
     def close(self) -> None:
         """The bar ends (its last line stays on the terminal)."""

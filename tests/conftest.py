@@ -1,9 +1,17 @@
 """Shared test fixtures: where the offline assets are, and small helpers."""
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# One torch thread per process, here and in every process a test starts (they inherit it),
+# unless OMP_NUM_THREADS is set already. The tests' models are tiny: a second thread gains
+# little on them, and on a busy machine each op waits for both threads to get a core (the
+# training tests took 2.3x as long with 2 threads as with 1 at a load average of 15). Set
+# before torch is imported, so that torch reads it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"

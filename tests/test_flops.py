@@ -24,3 +24,26 @@ from minibert.flops import peak_tflops
 ])
 def test_each_board_gets_its_own_peak(device_name, precision, expected):
     assert peak_tflops(device_name, precision) == expected
+
+
+@pytest.mark.parametrize("embedding_size", [None, 16], ids=["bert", "electra"])
+def test_forward_flops_count_every_matrix_multiply(embedding_size):
+    """forward_flops = what torch's FlopCounterMode counts in one forward with 5 targets
+    (training mode on a CPU: attention written out, so its two products are counted too),
+    ELECTRA's embedding projection and narrower head included."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minibert.flops import forward_flops
+    from minibert.model import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128,
+                        embedding_size=embedding_size)
+    model = BertForMaskedLM(config).train()
+    ids = torch.randint(5, 1000, (1, 32))
+    labels = torch.full_like(ids, -100)
+    labels[0, :5] = ids[0, :5]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.masked_logits(ids, labels)
+    assert counter.get_total_flops() == forward_flops(config, seq_len=32, head_positions=5)

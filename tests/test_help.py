@@ -9,9 +9,6 @@ from conftest import REPO
 
 COMMANDS = {
     "plot": ["-m", "minibert.plot", "--help"],
-    "benchmarks/train_step.py": ["benchmarks/train_step.py", "--help"],
-    "benchmarks/fill_mask.py": ["benchmarks/fill_mask.py", "--help"],
-    "benchmarks/data.py": ["benchmarks/data.py", "--help"],
 }
 
 

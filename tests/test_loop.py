@@ -3,12 +3,9 @@ stop vote across processes, torch.compile as a tested path (1 process, fp16 with
 GradScaler, 2-process gloo DDP) and the choice of process-group backend."""
 
 import os
-import re
 import socket
-import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minibert import MinibertError
+from minibert.checkpoint import read_checkpoint
 from minibert.distributed import CountAndVote, Launch, init
 from minibert.train_state import step_checkpoints
 from minibert.trainer import train
@@ -97,6 +95,7 @@ def assert_runs_match(a: list[dict], b: list[dict], rel: float) -> None:
     for key in ("train_loss", "grad_norm", "eval_loss"):
         x, y = by_step(a, key), by_step(b, key)
         assert x.keys() == y.keys() and x, key
+        print(f"{key}: largest relative difference {max(abs(x[k] / y[k] - 1) for k in x):.3g}")
         assert all(x[k] == pytest.approx(y[k], rel=rel) for k in x), (key, x, y)
 
 
@@ -111,62 +110,56 @@ def test_compiled_steps_match_eager(make_config, fresh_compiler, precision):
         summary = train(config, environ={})
         assert summary["step"] == 3
         runs[compiled] = read_metrics(config.out_dir)
-    assert_runs_match(runs[True], runs[False], rel=1e-4 if precision == "fp32" else 2e-3)
+    # Compiled kernels fuse and reorder: fp32 rounding over 3 steps, measured <= 1e-7 relative;
+    # fp16 rounds each eager op's output to 11 bits (2^-11 = 4.9e-4) where the compiled code
+    # keeps fp32 between fused ops: the gradient norm moved by 2e-4 relative.
+    assert_runs_match(runs[True], runs[False], rel=1e-5 if precision == "fp32" else 2e-3)
 
 
 def test_compiled_two_process_gloo_ddp_matches_one_eager_process(make_config):
-    two = make_config("compiled-two-processes", batch_size=1, max_steps=3, eval_every=3,
+    # Each rank's micro-batch has the shape of the 1-process fp32 test above (2 x 32): most
+    # of its kernels then come from the compiler's on-disk cache rather than the C++
+    # compiler (7 new of 31 where a batch of 1 made 19 new; with a cold cache the
+    # compiling is most of these tests' time).
+    two = make_config("compiled-two-processes", batch_size=2, max_steps=3, eval_every=3,
                       compile=True)
     result = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
                       "--nproc_per_node=2", "train.py", *config_flags(two)])
     assert result.returncode == 0, result.stderr[-3000:]
-    one = make_config("eager-one-process", batch_size=2, max_steps=3, eval_every=3)
+    one = make_config("eager-one-process", batch_size=4, max_steps=3, eval_every=3)
     train(one, environ={})
-    assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-4)
+    assert_runs_match(read_metrics(two.out_dir), read_metrics(one.out_dir), rel=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------
-# the end-to-end benchmark and the GPU session script, as far as a CPU runs them
+def test_a_failed_compilation_falls_back_to_eager_with_the_same_results(make_config, monkeypatch,
+                                                                       capsys, fresh_compiler):
+    # As on a GPU whose Triton cannot compile the step: a backend that raises. torch.compile
+    # only raises at the first call, inside the first optimizer step; the run must say so in
+    # one line and go on exactly as an uncompiled run (dropout on: the RNG must be untouched).
+    calls = []
 
+    def broken_backend(graph, example_inputs):
+        calls.append(graph)
+        raise RuntimeError("no code for this device\nmore detail")
 
-REPO = Path(__file__).resolve().parents[1]
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: real_compile(model, backend=broken_backend, **kw))
+    settings = dict(max_steps=3, eval_every=3, dropout=0.1, save_every=0)
+    failing = make_config("compile-fails", compile=True, **settings)
+    summary = train(failing, environ={})
+    out = capsys.readouterr().out
+    eager = make_config("eager", compile=False, **settings)
+    train(eager, environ={})
 
-
-def test_benchmark_trainer_runs_both_loops_and_prints_the_ratio():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "benchmarks/trainer.py", "--device", "cpu", "--seq", "32", "--batch",
-         "2", "--grad-accum", "2", "--steps", "20", "--warmup", "10", "--rounds", "1",
-         "--step-baseline"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert any(line.startswith("minibert step alone (train_step.py)") for line in lines)
-    assert lines[-1].startswith("ratio minibert/transformers tokens/s, whole training loop: ")
-    assert float(lines[-1].rsplit(" ", 1)[1].rstrip("x")) > 0
-
-
-def test_gpu_session_script_parses_and_benchmark_help_works():
-    assert subprocess.run(["bash", "-n", "benchmarks/gpu_session.sh"], cwd=REPO).returncode == 0
-    result = subprocess.run([sys.executable, "benchmarks/trainer.py", "--help"], cwd=REPO,
-                            capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.startswith("usage:")
-
-
-def test_gpu_session_plan_runs_every_gpu_test_once_within_the_budget():
-    # The plan (DRY_RUN) names each part, its limit and its command; every test of
-    # tests/test_gpu.py must be selected by exactly one part's -k (terms joined by "or").
-    env = {**os.environ, "DRY_RUN": "1"}
-    result = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    parts = [re.match(r"=== ([\w-]+): limit (\d+) s: (.*)", line) for line in lines[:-1]]
-    assert all(parts), lines
-    assert int(lines[-1].split()[1]) <= 470  # seconds: 8 minutes with start-up
-    selections = [part[3].split(" -k ")[1].split(" or ") for part in parts
-                  if "tests/test_gpu.py" in part[3]]
-    tests = re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_gpu.py").read_text(), re.M)
-    for test in tests:
-        chosen = [terms for terms in selections if any(term in test for term in terms)]
-        assert len(chosen) == 1, (test, chosen)
+    assert summary["step"] == 3 and len(calls) == 1  # compiled once, then never again
+    warnings = [line for line in out.splitlines() if line.startswith(("warning", "note"))]
+    assert warnings == ["warning: compiling the training step failed on the CPU "
+                        "(BackendCompilerFailed -> RuntimeError: no code for this device); "
+                        "continuing without compile"], out[-2000:]
+    # The same eager arithmetic on the same batches and RNG stream: equal to the last bit.
+    a, b = read_metrics(failing.out_dir), read_metrics(eager.out_dir)
+    for key in ("train_loss", "grad_norm", "eval_loss"):
+        assert by_step(a, key) == by_step(b, key) != {}, key
+    final = [read_checkpoint(c.out_dir + "/final")[0].state_dict() for c in (failing, eager)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])

@@ -17,7 +17,7 @@ PACKAGE = REPO / "minibert"
 # The training side, which the model must not know about.
 TRAINING = {"minibert.trainer", "minibert.train_config", "minibert.train_state",
             "minibert.optimizer", "minibert.training_log", "minibert.batches",
-            "minibert.stopping", "minibert.distributed", "minibert.evaluate",
+            "minibert.stopping", "minibert.resume", "minibert.distributed", "minibert.evaluate",
             "torch.distributed", "torch.optim"}
 
 
