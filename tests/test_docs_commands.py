@@ -404,7 +404,7 @@ def test_every_command_runs_as_written(doc, work_folder, monkeypatch):
 def test_the_commands_are_found():
     """The parsing above sees what a reader sees: a continued line, a chain, an inline command,
     a $ line with its output; a command's bare name and a template are not commands."""
-    commands = {c.text: c for c in commands_in(REPO / "docs" / "05-measuring-a-model.md")}
+    commands = {c.text: c for c in commands_in(REPO / "docs" / "06-measuring-a-model.md")}
     assert ("python -m minibert.evaluate --model ../shared/assets/checkpoints/bert-tiny-splade-mlm"
             " --data ../shared/assets/corpus/wikipedia-sample --max_seq_length 128 --max_blocks 64"
             " --precision fp32") in commands
