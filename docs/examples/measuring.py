@@ -1,4 +1,4 @@
-"""Chapter 5's numbers: masked-LM perplexity and what moves it, a training run's number
+"""Chapter 6's numbers: masked-LM perplexity and what moves it, a training run's number
 reproduced by `python -m minibert.evaluate`, and pseudo-log-likelihood scores.
 
     python docs/examples/measuring.py                   # assets at ../shared/assets

@@ -1,4 +1,4 @@
-"""Chapter 4's numbers: why one optimizer step divides by the step's masked-token count, and
+"""Chapter 5's numbers: why one optimizer step divides by the step's masked-token count, and
 why fp16 needs a GradScaler.
 
     python docs/examples/training_step.py                   # assets at ../shared/assets
