@@ -225,6 +225,11 @@ def fill_mask(model: BertForMaskedLM, tokenizer: Tokenizer, text: str, top_k: in
     return result
 
 
+def _top(k: int) -> str:
+    """'Top 3 predictions', or 'Top prediction' for one."""
+    return "Top prediction" if k == 1 else f"Top {k} predictions"
+
+
 def format_result(result: dict) -> str:
     """The seed's plain-text form of one fill_mask result, with the earlier picks of a
     sentence with several masks listed before the last mask's candidates."""
@@ -238,10 +243,10 @@ def format_result(result: dict) -> str:
         lines.append("Filled first, each with its most probable token:")
         lines += [f"  Position {f['position']}: '{f['token']}' | Score: {f['score']:.4f}"
                   for f in earlier]
-        lines.append(f"Top {len(result['predictions'])} predictions for the last mask "
+        lines.append(f"{_top(len(result['predictions']))} for the last mask "
                      f"(position {result['filled'][-1]['position']}):")
     else:
-        lines.append(f"Top {len(result['predictions'])} predictions:")
+        lines.append(f"{_top(len(result['predictions']))}:")
     lines += [f"  Token: '{p['token']}' | Score: {p['score']:.4f} | Sequence: '{p['sequence']}'"
               for p in result["predictions"]]
     return "\n".join(lines)

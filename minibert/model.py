@@ -159,7 +159,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     causal mask: every token sees every other token, left and right (BERT's bidirectionality).
     The model calls the fused equivalent, except when it trains on a CPU (BertSelfAttention).
     """
-    # Scaling q rather than the scores: the same product, on a tensor seq/head_dim times smaller.
+    # Scaling q, not the scores: the same product; fewer divisions when seq > head_dim.
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (batch, heads, seq, seq)
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask, float("-inf"))

@@ -100,7 +100,7 @@ def first_compiled_step(trainee: Trainee, batch: StepBatch,
     and the device, and the step runs again on the uncompiled module, as do all later steps.
 
     Compilers fail on hardware they were not built for (Triton supports compute capability
-    8.0 and newer; docs/04-training-on-several-gpus.md, 4.8), and a run that eager mode
+    8.0 and newer; docs/appendix-operations.md, A.8), and a run that eager mode
     completes should not die of it. The retry starts from the state the failed attempt
     started from: no update happened (the compiled module is only the forward and backward),
     the gradients it may have accumulated are dropped and the RNG state (dropout's) is put

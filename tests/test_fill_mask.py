@@ -153,6 +153,15 @@ def test_cli_plain_output(model, tokenizer):
     assert lines[2].endswith(" but rewarding.'")
 
 
+def test_plain_output_names_one_prediction_in_the_singular(model, tokenizer):
+    one, two_masks = fill_masks(model, tokenizer, ["The capital of France is [MASK].",
+                                                   "Paris is the [MASK] [MASK] of France."],
+                                top_k=1)
+    assert format_result(one).splitlines()[1] == "Top prediction:"
+    assert (format_result(two_masks).splitlines()[3]
+            == "Top prediction for the last mask (position 5):")
+
+
 def test_cli_json_from_file_and_examples(model, tokenizer, tmp_path):
     file = tmp_path / "sentences.txt"
     file.write_text("The capital of France is [MASK].\n\nI [MASK] to the store.\n")

@@ -280,7 +280,7 @@ def no_space(*args, **kwargs):
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(make_config, monkeypatch):
     """ENOSPC is injected into torch.save at step 4 (tests/test_run_edges.py runs unprivileged
-    in CI; a real 80 MB tmpfs gives the same line, see docs 4.6)."""
+    in CI; a real 80 MB tmpfs gives the same line, see docs/appendix-operations.md, A.6)."""
     config = make_config("full-disk", max_steps=6, eval_every=0, save_every=2, keep_last=1)
     real_save = torch.save
 

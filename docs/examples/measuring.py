@@ -1,4 +1,4 @@
-"""Chapter 5's numbers: masked-LM perplexity and what moves it, a training run's number
+"""Chapter 6's numbers: masked-LM perplexity and what moves it, a training run's number
 reproduced by `python -m minibert.evaluate`, and pseudo-log-likelihood scores.
 
     python docs/examples/measuring.py                   # assets at ../shared/assets
@@ -81,6 +81,10 @@ def main() -> None:
                               ("max_seq_length 32", {"max_seq_length": 32, "max_blocks": 256})):
             other = evaluate_checkpoint(EvaluateArgs(**{**base, **change}), Launch())
             print(f"  {label:<21} {line(other)} ({other['masked_tokens']} masked)")
+
+        # configs/quickstart-cpu.toml evaluates 256 blocks before its first step (in bf16).
+        start = evaluate_checkpoint(EvaluateArgs(**{**base, "max_blocks": 256}), Launch())
+        print(f"the quickstart's step 0, in fp32: {start['blocks']} blocks, {line(start)}")
 
         print("== a training run's number, reproduced ==")
         data = Path(temporary) / "corpus"

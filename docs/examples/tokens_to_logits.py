@@ -2,6 +2,7 @@
 
     python docs/examples/tokens_to_logits.py                      # assets at ../shared/assets
     python docs/examples/tokens_to_logits.py --assets PATH
+    python docs/examples/tokens_to_logits.py --text "Floccinaucinihilipilification is rare."
 
 Every step calls the real submodules of minibert.model on the shared bert-tiny checkpoint
 (2 layers, hidden 128, 2 heads) and prints the shape of the tensor it produces. Where the
@@ -45,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", type=Path, default=REPO.parent / "shared" / "assets",
                         help="the shared assets folder (default: ../shared/assets)")
+    parser.add_argument("--text", default=SENTENCE,
+                        help="the sentence to follow (it is batched with 'The cat slept.')")
     args = parser.parse_args()
     folder = args.assets / "checkpoints" / "bert-tiny-splade-mlm"
     torch.manual_seed(0)
@@ -61,8 +64,8 @@ def main() -> None:
     print(f"  {'head_dim (a property)':<30} {config.head_dim:<11} {base_config.head_dim}")
 
     print("== 1. WordPiece ==")
-    print(f"text: {SENTENCE}")
-    encoding = tokenizer.encode(SENTENCE)
+    print(f"text: {args.text}")
+    encoding = tokenizer.encode(args.text)
     print("  position  token          id")
     for position, (token, token_id) in enumerate(zip(encoding.tokens, encoding.ids)):
         print(f"  {position:<8}  {token:<13}  {token_id}")
@@ -76,7 +79,7 @@ def main() -> None:
 
     print("== 2. A padded batch ==")
     tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
-    batch = tokenizer.encode_batch([SENTENCE, SHORTER])
+    batch = tokenizer.encode_batch([args.text, SHORTER])
     input_ids = torch.tensor([e.ids for e in batch])
     attention_mask = torch.tensor([e.attention_mask for e in batch])
     print(f"second sentence: {' '.join(batch[1].tokens)}")
@@ -131,28 +134,38 @@ def main() -> None:
         ffn = step("output(h)", layer.output(inner))
         h2 = step("output_norm(x + feed_forward)", layer.output_norm(h1 + ffn))
         print(f"  same as BertLayer.forward: {same(h2, layer(h0, key_padding_mask))}")
+        grid = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+        gap = (F.gelu(grid) - F.gelu(grid, approximate="tanh")).abs().max()
+        print(f"  hidden_act {config.hidden_act!r}: the exact x * Phi(x); its tanh approximation "
+              f"differs by at most {gap:.5f}")
         real = weights.sum(dim=-1)
         print(f"  every row of weights sums to 1: {same(real, torch.ones_like(real))}")
-        pads = ~attention_mask[1].bool()
-        pad_weight = weights[1, :, :, pads]
-        print(f"  weight on the {int(pads.sum())} [PAD] keys of sentence 2, any query, any head: "
-              f"{pad_weight.abs().max().item():.1f}")
+        short = int(attention_mask.sum(dim=1).argmin())  # the sentence that is padded
+        pads = ~attention_mask[short].bool()
+        if pads.any():
+            print(f"  weight on the {int(pads.sum())} [PAD] keys of sentence {short + 1}, any "
+                  f"query, any head: {weights[short, :, :, pads].abs().max().item():.1f}")
+        else:
+            print("  no [PAD] keys: both sentences have the same length")
 
     print("== 5. Padding changes nothing for real tokens ==")
     with torch.no_grad():
         padded = model.bert(input_ids, attention_mask)
-        n = int(attention_mask[1].sum())
-        alone = model.bert(input_ids[1:, :n])
-        print(f"  sentence 2 padded to {seq} tokens vs alone ({n} tokens), "
-              f"same hidden states: {same(padded[1, :n], alone[0])}")
+        n = int(attention_mask[short].sum())
+        alone = model.bert(input_ids[short:short + 1, :n])
+        print(f"  sentence {short + 1} padded to {seq} tokens vs alone ({n} tokens), "
+              f"same hidden states: {same(padded[short, :n], alone[0])}")
 
     print("== 6. No causal mask: the first word sees the last ==")
-    edited = input_ids[:1].clone()
-    old, new = "pieces", "fragments"
-    where = encoding.tokens.index(old)
+    ids = torch.tensor([encoding.ids])
+    # The last word piece before [SEP] that is not punctuation, replaced by another word.
+    where = max((i for i, token in enumerate(encoding.tokens[1:-1], start=1)
+                 if any(c.isalnum() for c in token)), default=len(encoding.tokens) - 2)
+    old, new = encoding.tokens[where], "fragments"
+    edited = ids.clone()
     edited[0, where] = tokenizer.token_to_id(new)
     with torch.no_grad():
-        before = model.bert(input_ids[:1])[0, 1]
+        before = model.bert(ids)[0, 1]
         after = model.bert(edited)[0, 1]
     print(f"  replace {old!r} (position {where}) by {new!r}; "
           f"hidden state of {encoding.tokens[1]!r} (position 1) changes: {not same(before, after)}")

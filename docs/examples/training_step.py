@@ -1,4 +1,4 @@
-"""Chapter 4's numbers: why one optimizer step divides by the step's masked-token count, and
+"""Chapter 5's numbers: why one optimizer step divides by the step's masked-token count, and
 why fp16 needs a GradScaler.
 
     python docs/examples/training_step.py                   # assets at ../shared/assets
@@ -9,7 +9,9 @@ the ways a training step can be cut: one batch of 4; 2 micro-batches of 2 accumu
 minibert/trainer.py backpropagates, sum of NLL x world_size / (masked tokens of the whole
 step), and compares it with the mean of per-micro-batch means. No process group is started:
 the averaging that DDP's all-reduce performs is written out, so the arithmetic is visible.
-Part 2 shows what fp16's range does to small gradients.
+Part 2 shows what fp16's range does to small gradients. Part 3 shows which operations CPU
+autocast leaves in bf16: on a GPU, autocast runs softmax and layer_norm in fp32; on a CPU, this
+torch returns them in bf16 for bf16 inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from minibert import load_pretrained, load_tokenizer
 from minibert.data import load_blocks
@@ -108,6 +111,22 @@ def main() -> None:
     print(f"  scaled by the GradScaler's initial {scale:.0f} first: "
           f"{(small * scale).half().item():.3g} in fp16, "
           f"{(small * scale).half().float().item() / scale:.3g} after unscaling in fp32")
+
+    print("== 3. What CPU autocast leaves in bf16 ==")
+    print(f"  torch {torch.__version__.split('+')[0]}, autocast on the CPU in bf16: "
+          f"{cpu_autocast_dtypes()}")
+
+
+def cpu_autocast_dtypes() -> str:
+    """The dtype each operation returns under torch.autocast("cpu", bfloat16), on bf16 input."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 8, generator=generator), torch.randn(8, 8, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x @ w  # a matmul: bf16 under autocast, the input of the operations below
+        results = {"matmul": h, "softmax": h.softmax(dim=-1), "layer_norm": F.layer_norm(h, (8,)),
+                   "gelu": F.gelu(h), "cross_entropy": F.cross_entropy(h, torch.zeros(4).long())}
+    return ", ".join(f"{name} -> {str(t.dtype).replace('torch.', '')}"
+                     for name, t in results.items())
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def main() -> None:
         for folder, dst in ((tiny, "out/bert-tiny"), (minilm, "out/minilm")):
             print(f"$ python convert_weights.py ../shared/assets/checkpoints/{folder.name} {dst}")
             convert(ConvertArgs(src=str(folder), dst=Path(dst)))
+        print()  # the commands' output ends here (tests/test_docs_commands.py reads it so)
         files = sorted(p.name for p in Path("out/bert-tiny").iterdir())
         config = json.loads(Path("out/bert-tiny/config.json").read_text())
         print(f"out/bert-tiny holds: {', '.join(files)}")
