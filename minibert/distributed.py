@@ -16,10 +16,11 @@ ours, so rank-0-only output (`print0`) needs no argument threaded through the co
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,8 @@ def init(launch: Launch, device_type: str, backend: str = "auto") -> torch.devic
 
     backend "auto" is NCCL on GPUs and gloo on CPUs. With "gloo" on GPUs, processes beyond the
     number of GPUs share them (LOCAL_RANK modulo the GPU count)."""
+    global _left_a_group
+    _left_a_group = False
     if backend not in BACKENDS:
         raise MinibertError(f"dist_backend must be one of {'|'.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -234,5 +237,29 @@ def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextMan
 
 def cleanup() -> None:
     """Leave the process group (a no-op when none was joined)."""
+    global _left_a_group
     if dist.is_initialized():
         dist.destroy_process_group()
+        _left_a_group = True
+
+
+_left_a_group = False  # cleanup() left a process group since init() was last called
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with `status`; after training in a process group, without the
+    interpreter's teardown.
+
+    DistributedDataParallel keeps its process group alive past destroy_process_group (torch
+    2.13: 10 references to it are never released, and gloo's worker threads keep running), and
+    tearing the interpreter down around those threads aborts about one exit in ten with
+    "terminate called without an active exception" (status -6, which torchrun reports as a
+    failed run, after the run has written everything). So a process that left a group ends
+    with os._exit once stdout and stderr are flushed: by then every file minibert writes is
+    complete, closed and renamed into place (safe_write.py), and torch's compile workers
+    leave when their parent does."""
+    if not _left_a_group:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

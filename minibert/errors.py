@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class MinibertError(Exception):
@@ -34,15 +34,17 @@ def signal_exit_status(signum: int) -> int:
     return 128 + signum
 
 
-def run_main(main: Callable[[], int | None]) -> None:
+def run_main(main: Callable[[], int | None],
+             exit_with: Callable[[int], NoReturn] = sys.exit) -> NoReturn:
     """Call main() and exit with the status it returns (None: 0). A MinibertError becomes
-    'error: <message>' and status 1; Ctrl-C (and StopNow) status 128 + the signal's number."""
+    'error: <message>' and status 1; Ctrl-C (and StopNow) status 128 + the signal's number.
+    `exit_with` ends the process with that status (train.py: distributed.exit_process)."""
     try:
-        status = main()
+        status = main() or 0
     except MinibertError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        status = 1
     except KeyboardInterrupt as error:
         print(f"interrupted: {error}" if str(error) else "interrupted", file=sys.stderr)
-        sys.exit(signal_exit_status(getattr(error, "signum", signal.SIGINT)))
-    sys.exit(status or 0)
+        status = signal_exit_status(getattr(error, "signum", signal.SIGINT))
+    exit_with(status)

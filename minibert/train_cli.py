@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import sys
 
+from . import distributed
 from .errors import run_main, signal_exit_status
 from .train_config import parse_config
 from .trainer import train
@@ -50,7 +51,8 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of train.py, `python -m minibert.train_cli` and the minibert-train command."""
-    run_main(lambda: run(sys.argv[1:] if argv is None else argv))
+    run_main(lambda: run(sys.argv[1:] if argv is None else argv),
+             exit_with=distributed.exit_process)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from minibert.train_config import parse_config
 from minibert.train_state import (STATE_FILE, MetricsFile, load_training_state, prune,
                                   step_checkpoints)
 from minibert.trainer import train
-from test_train import (REPO, cache_dir, fit_with, make_config,  # noqa: F401
-                        read_metrics, tiny_corpus, tiny_model)
+from test_train import (REPO, cache_dir, config_flags, fit_with, make_config,  # noqa: F401
+                        read_metrics, run_cli, tiny_corpus, tiny_model)
 
 
 def hidden_entries(folder) -> list[Path]:
@@ -165,6 +165,35 @@ def test_resuming_a_finished_run_has_nothing_to_do(make_config, capsys):
     summary = train(replace(config, resume="latest", max_steps=3), environ={})  # as before
     assert summary["start_step"] == 2 and summary["step"] == 3
     assert (out / "final" / "model.safetensors").stat().st_ino != final["model.safetensors"].st_ino
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a run in a process group
+
+
+def test_a_two_process_run_ends_without_the_interpreters_teardown(make_config, tmp_path,
+                                                                   monkeypatch):
+    """DDP keeps its gloo group's threads alive past destroy_process_group, and the
+    interpreter's teardown around them aborted about one exit in ten (status -6: torchrun
+    reports a failed run). So the ranks end with os._exit once everything is written and
+    stdout is flushed: an atexit hook (from a sitecustomize that every rank imports) never
+    runs, and everything the run writes is there."""
+    hooks = tmp_path / "site"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os, pathlib\n"
+        "if 'RANK' in os.environ:\n"
+        f"    atexit.register(pathlib.Path({str(tmp_path)!r}, 'teardown-' + os.environ['RANK'])"
+        ".write_text, 'ran')\n")
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    config = make_config("two", batch_size=2, max_steps=1, eval_every=0)
+    result = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node=2", "train.py", *config_flags(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("teardown-*")) == []
+    assert result.stdout.splitlines()[-1].startswith("wrote ")  # flushed before the exit
+    read_checkpoint(Path(config.out_dir) / "final")
+    assert read_metrics(config.out_dir)[-1]["step"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
