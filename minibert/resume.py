@@ -1,6 +1,8 @@
 """Resuming a run: what a resume restores, what it decides before the first step, and what it
 does to out_dir first.
 
+    resume_from = starting_point(config, out_dir)         # None: a fresh run; out_dir checked
+    prepare_out_dir(run)                                  # rank 0: create it; --overwrite
     step = restore(run, optimizer, scheduler, scaler)     # the checkpoint's state, checked
     message = nothing_to_do(step, total_steps, config)   # a finished run: say so, write nothing
     line = plan_new_line(out_dir, resume_from, step)      # going back: what is moved aside
@@ -43,19 +45,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .distributed import print0
+from . import distributed
+from .checkpoint import not_a_checkpoint
+from .distributed import is_main, print0
 from .errors import MinibertError
 from .optimizer import restore_optimizer
-from .safe_write import atomic_folder, move, recover_and_tidy, write_text
+from .safe_write import atomic_folder, move, recover_and_tidy, remove_folder, write_text
 from .train_config import TrainConfig
 from .train_state import (DataPosition, compare_configs, load_training_state, log_until,
-                          set_rng_state, step_checkpoints)
+                          not_only_step_checkpoints, resolve_resume, set_rng_state,
+                          step_checkpoints)
+from .write_errors import make_folder
 
 if TYPE_CHECKING:  # the trainer's Run: what setup() prepared (no import at run time)
     from .trainer import Run
 
 ABANDONED = "abandoned"
 PLAN, DONE = "moving.json", "moved.json"
+
+
+def starting_point(config: TrainConfig, out_dir: Path) -> Path | None:
+    """The checkpoint folder this run resumes from, or None for a fresh run; refuses a fresh
+    run in an out_dir that holds checkpoints unless overwrite is set."""
+    if is_main():  # finish or undo a checkpoint write that a kill interrupted, before looking
+        recover_and_tidy(out_dir / "checkpoints")
+        for folder in finish_new_lines(out_dir):  # and the moves of a new line (below)
+            print0(f"note: finished moving an abandoned line to {folder} (a run was stopped "
+                   f"while moving it)")
+    distributed.barrier()
+    resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
+    if resume_from is None and step_checkpoints(out_dir):
+        if not config.overwrite:
+            raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume "
+                                f"to continue it, --overwrite to start afresh, or another "
+                                f"--out_dir")
+        if (problem := not_only_step_checkpoints(out_dir)) is not None:
+            raise MinibertError(f"{out_dir / 'checkpoints'}: --overwrite deletes an earlier "
+                                f"run's step-N checkpoints and nothing else, and this folder "
+                                f"holds {problem}; move it or choose another --out_dir")
+    final = out_dir / "final"  # replaced when the run ends: refuse now, not after training
+    if final.exists() and (problem := "is a file" if not final.is_dir()
+                           else not_a_checkpoint(final)) is not None:
+        raise MinibertError(f"{final}: the run writes its model there when it ends, and this is "
+                            f"not a checkpoint folder ({problem}); move it or choose another "
+                            f"--out_dir")
+    return resume_from
+
+
+def prepare_out_dir(run: Run) -> None:
+    """What the run does to out_dir before its first step (rank 0, once every check passed):
+    create it; with overwrite, delete the earlier run's checkpoints."""
+    make_folder(run.out_dir, "out_dir")
+    if run.resume_from is None and run.config.overwrite:
+        remove_folder(run.out_dir / "checkpoints")
 
 
 def restore(run: Run, optimizer, scheduler, scaler) -> int:

@@ -226,7 +226,7 @@ def newest_checkpoint(out_dir: str | Path, kind: str = "complete",
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
     """'latest' -> the newest checkpoint in out_dir; anything else is a checkpoint folder (or,
     where a replacement of it was interrupted, its complete side: safe_write.readable). Only
-    reads: the run tidies its own out_dir before (trainer.starting_point), never the source."""
+    reads: the run tidies its own out_dir before (resume.starting_point), never the source."""
     if resume == "latest":
         found = step_checkpoints(out_dir)
         if not found:

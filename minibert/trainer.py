@@ -35,7 +35,7 @@ import torch
 
 from . import distributed
 from .batches import BatchLayout, Prefetcher
-from .checkpoint import not_a_checkpoint, random_init, read_checkpoint, save_pretrained
+from .checkpoint import random_init, read_checkpoint, save_pretrained
 from .data import check_splits, load_blocks
 from .distributed import CountAndVote, is_main, print0
 from .errors import MinibertError
@@ -46,16 +46,15 @@ from .model import BertForMaskedLM
 from .optimizer import Trainee, make_optimizer, optimizer_step
 from .plot import plot_runs
 from .precision import compile_note, precision_warning, resolve_device, resolve_precision
-from .resume import finish_new_lines, nothing_to_do, plan_new_line, restore, start_new_line
-from .safe_write import recover_and_tidy, remove_folder
+from .resume import (nothing_to_do, plan_new_line, prepare_out_dir, restore, start_new_line,
+                     starting_point)
 from .stopping import StopRequest, divergence
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .training_log import TrainingLog
 from .train_state import (DataPosition, MetricsFile, checkpoint_step, newest_checkpoint, prune,
-                          not_only_step_checkpoints, resolve_resume, rng_state,
-                          save_training_state, step_checkpoints, tensor_bytes)
-from .write_errors import DiskFullError, check_writable, make_folder
+                          rng_state, save_training_state, tensor_bytes)
+from .write_errors import DiskFullError, check_writable
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -154,42 +153,6 @@ def setup(config: TrainConfig, environ: Mapping[str, str]) -> Run:
     if is_main():
         prepare_out_dir(run)
     return run
-
-
-def starting_point(config: TrainConfig, out_dir: Path) -> Path | None:
-    """The checkpoint folder this run resumes from, or None for a fresh run; refuses a fresh
-    run in an out_dir that holds checkpoints unless overwrite is set."""
-    if is_main():  # finish or undo a checkpoint write that a kill interrupted, before looking
-        recover_and_tidy(out_dir / "checkpoints")
-        for folder in finish_new_lines(out_dir):  # and the moves of a new line (resume.py)
-            print0(f"note: finished moving an abandoned line to {folder} (a run was stopped "
-                   f"while moving it)")
-    distributed.barrier()
-    resume_from = resolve_resume(config.resume, out_dir) if config.resume else None
-    if resume_from is None and step_checkpoints(out_dir):
-        if not config.overwrite:
-            raise MinibertError(f"{out_dir} holds checkpoints of an earlier run: pass --resume "
-                                f"to continue it, --overwrite to start afresh, or another "
-                                f"--out_dir")
-        if (problem := not_only_step_checkpoints(out_dir)) is not None:
-            raise MinibertError(f"{out_dir / 'checkpoints'}: --overwrite deletes an earlier "
-                                f"run's step-N checkpoints and nothing else, and this folder "
-                                f"holds {problem}; move it or choose another --out_dir")
-    final = out_dir / "final"  # replaced when the run ends: refuse now, not after training
-    if final.exists() and (problem := "is a file" if not final.is_dir()
-                           else not_a_checkpoint(final)) is not None:
-        raise MinibertError(f"{final}: the run writes its model there when it ends, and this is "
-                            f"not a checkpoint folder ({problem}); move it or choose another "
-                            f"--out_dir")
-    return resume_from
-
-
-def prepare_out_dir(run: Run) -> None:
-    """What the run does to out_dir before its first step (rank 0, once every check passed):
-    create it; with overwrite, delete the earlier run's checkpoints."""
-    make_folder(run.out_dir, "out_dir")
-    if run.resume_from is None and run.config.overwrite:
-        remove_folder(run.out_dir / "checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------

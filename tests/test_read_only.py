@@ -22,7 +22,7 @@ from minibert.checkpoint import read_checkpoint, save_pretrained
 from minibert.model import BertConfig, BertForMaskedLM
 from minibert.train_config import TrainConfig
 from minibert.train_state import DataPosition, load_training_state, save_training_state
-from minibert.trainer import starting_point
+from minibert.resume import starting_point
 
 VOCAB_SOURCE = ASSETS / "tokenizer" / "bert-base-uncased"
 CORPUS = ASSETS / "corpus" / "wikipedia-sample"
