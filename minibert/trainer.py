@@ -308,7 +308,7 @@ def fit(config: TrainConfig, run: Run, trainee: Trainee) -> dict:
             # A rank stopped by another rank's vote got no signal itself: report SIGTERM.
             summary.update(stopped=True, step=step, signal=stop.signum or signal.SIGTERM)
             return summary
-        save_final(run, trainee)
+        save_final(run, trainee.model)
     if run.device.type == "cuda":
         print0(f"peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB")
     print0(f"wrote {run.out_dir / 'final'} and {run.out_dir / 'metrics.jsonl'}, "
@@ -364,15 +364,15 @@ def save_checkpoint(run: Run, trainee: Trainee, step: int) -> None:
     run.tokenizer_source = folder / "model"
 
 
-def save_final(run: Run, trainee: Trainee) -> None:
+def save_final(run: Run, model: BertForMaskedLM) -> None:
     """out_dir/final: the trained model alone, a checkpoint for fill-mask and conversion."""
     if is_main():
         try:
-            save_pretrained(trainee.model, run.out_dir / "final",
-                            tokenizer_source=run.tokenizer_source, overwrite=True)
+            save_pretrained(model, run.out_dir / "final", tokenizer_source=run.tokenizer_source,
+                            overwrite=True)
         except DiskFullError as error:
             raise DiskFullError(error.target, error.free,
-                                tensor_bytes(trainee.model.state_dict())) from None
+                                tensor_bytes(model.state_dict())) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +386,12 @@ def train(config: TrainConfig, environ: Mapping[str, str]) -> dict:
         if run.resume_from is not None:
             step = checkpoint_step(run.resume_from)
             if done := nothing_to_do(step, run.total_steps, config):
-                print0(done)  # and final/ stays as the finished run wrote it
+                if not (run.out_dir / "final").exists():
+                    # Killed between its last checkpoint and final/ (or the disk was full):
+                    # the checkpoint holds the weights final/ would have held.
+                    save_final(run, run.model)
+                    done += f"; wrote the missing {run.out_dir / 'final'} from {run.resume_from}"
+                print0(done)  # else final/ stays as the finished run wrote it
                 return {"start_step": step, "step": step, "stopped": False, "evals": {}}
         trainee = build(config, run)
         try:

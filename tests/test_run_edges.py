@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,6 +231,28 @@ def test_a_final_folder_that_is_not_a_checkpoint_is_refused_before_the_first_ste
     assert "final" in one_line(error) and "notes.txt" in one_line(error)
     assert sorted(p.name for p in Path(config.out_dir).iterdir()) == ["final"]  # no step ran
     assert (final / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_final_gets_final_on_resume(make_config,
+                                                                                 capsys):
+    """The last step's checkpoint is written before final/: a kill (or a full disk) between
+    the two leaves a finished line without its model. Resuming writes final/ from that
+    checkpoint instead of saying that there is nothing to do."""
+    config = make_config("no-final", max_steps=2, eval_every=0, save_every=0)
+    train(config, environ={})
+    out = Path(config.out_dir)
+    written = read_checkpoint(out / "final")[0].state_dict()
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+
+    summary = train(replace(config, resume="latest"), environ={})
+    said = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("nothing to do: the run finished at step 2") and "final" in line
+               for line in said), said
+    assert summary["step"] == 2
+    final = read_checkpoint(out / "final")[0].state_dict()
+    assert final.keys() == written.keys()
+    assert all(torch.equal(final[k], written[k]) for k in written)  # what the run wrote
 
 
 # ---------------------------------------------------------------------------------------------
