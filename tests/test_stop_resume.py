@@ -109,6 +109,11 @@ def test_a_stopped_run_saves_then_exits_with_128_plus_the_signal(make_config, si
 # kill -9 at random moments of a run that saves every step
 
 
+def newest_step(out_dir) -> int:
+    """The step of out_dir's newest checkpoint, 0 without one."""
+    return max((int(p.name.split("-")[1]) for p in step_checkpoints(out_dir)), default=0)
+
+
 def test_kill_9_at_any_moment_resumes_exactly(make_config):
     settings = dict(max_steps=12, save_every=1, keep_last=2, eval_every=6, dropout=0.1)
     train(make_config("never-killed", **settings), environ={})
@@ -116,21 +121,28 @@ def test_kill_9_at_any_moment_resumes_exactly(make_config):
 
     config = make_config("killed", **settings)
     rng = random.Random(5)
+    killed_at = []
     for attempt in range(3):  # kill, resume, kill, ... at seeded random moments
         flags = config_flags(replace(config, resume="latest" if attempt else None))
         process = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        start = len(step_checkpoints(config.out_dir))
+        # 1-3 steps past where this process starts, then a random moment within a step
+        # (a checkpoint is saved every step: saving takes most of it). The step of the newest
+        # checkpoint, not their count: keep_last holds the count at 2.
+        target = newest_step(config.out_dir) + rng.randint(1, 3)
         deadline = time.time() + 120
         while (time.time() < deadline and process.poll() is None
-               and len(step_checkpoints(config.out_dir)) <= start):
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0))
+               and newest_step(config.out_dir) < target):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
         process.kill()
-        process.wait()
+        assert process.wait() == -signal.SIGKILL, "the run ended before it was killed"
+        killed_at.append(newest_step(config.out_dir))
     summary = train(replace(config, resume="latest"), environ={})
-    print(f"killed runs reached step {summary['start_step']} of 12 before the last resume")
+    print(f"killed with the newest checkpoint at steps {killed_at}; the last resume started at "
+          f"step {summary['start_step']} of 12")
+    assert summary["start_step"] < 12  # the kills fell inside the run
     resumed = read_metrics(config.out_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in expected]
     assert by_step(resumed, "train_loss") == by_step(expected, "train_loss")  # bit for bit
